@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# portcullis benchmark, run by hand (not in CI). Compares portcullis with nginx
+# proxy_pass on the same nginx upstream, all on loopback:
+#   - requests/s, latency and CPU µs per request (wrk -t1 -c32): nginx,
+#     portcullis plain route (auth = "none"), keyed route (valid key), invalid
+#     keys (forged with a valid checksum, and mistyped);
+#   - RSS per idle keep-alive connection (10,000 connections), portcullis and nginx.
+# With --redis it also measures the keyed path in rate_limit.mode = "hybrid" and
+# "redis" on a local redis-server, with Redis commands per request.
+#
+#   bench/run.sh [--redis] [--duration SECS] [--rounds N] [--conns N] [--keep]
+#
+# Installs nginx and wrk (and redis-server/redis-tools for --redis) with apt-get
+# when they are missing, builds `cargo build --release`, needs python3.
+# Takes about 2 minutes (4 with --redis). Best run on an otherwise idle machine;
+# the client (wrk) shares the CPUs with the servers, so compare ratios, not
+# absolute numbers, across machines.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_redis=0
+for a in "$@"; do
+  case "$a" in
+    --redis) want_redis=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  esac
+done
+
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+if [ $want_redis = 1 ]; then
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+  # The nginx package starts a system nginx on :80 where an init system runs; we
+  # do not need it, but leave it alone: we only use our own instances.
+fi
+command -v python3 >/dev/null 2>&1 || { echo "python3 is required" >&2; exit 1; }
+export PATH="$PATH:/usr/sbin:/sbin"
+
+echo "building: cargo build --release"
+cargo build --release
+target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+bin="$target_dir/release/portcullis"
+[ -x "$bin" ] || { echo "no binary at $bin" >&2; exit 1; }
+
+# Room for 10,000 client sockets plus the servers' ends (inherited by all of them).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+exec python3 bench/bench.py --bin "$bin" "$@"

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Container smoke test: build the image, run it with --network host, wait for
+# http://127.0.0.1:9901/healthz, check that it runs as non-root and declares a
+# HEALTHCHECK, then stop it. Exits non-zero on any failure.
+#
+#   scripts/container-smoke.sh
+#
+# Environment:
+#   PODMAN          container CLI (default ../shared/container/podman when it
+#                   exists, else podman, else docker)
+#   PREPARE_IMAGES  script that makes the base images available offline, run
+#                   first when set or when ../shared/container/prepare-images.sh
+#                   exists; PREPARE_IMAGES= (empty) skips it
+#   IMAGE           image tag (default portcullis)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[container-smoke] %s\n' "$*"; }
+die() { printf '[container-smoke] FAIL: %s\n' "$*" >&2; exit 1; }
+
+if [ -z "${PODMAN:-}" ]; then
+  if [ -x ../shared/container/podman ]; then PODMAN=../shared/container/podman
+  elif command -v podman >/dev/null 2>&1; then PODMAN=podman
+  elif command -v docker >/dev/null 2>&1; then PODMAN=docker
+  else die "no container CLI: set PODMAN"; fi
+fi
+IMAGE=${IMAGE:-portcullis}
+HEALTH_URL=http://127.0.0.1:9901/healthz
+
+if [ -z "${PREPARE_IMAGES+set}" ] && [ -f ../shared/container/prepare-images.sh ]; then
+  PREPARE_IMAGES=../shared/container/prepare-images.sh
+fi
+if [ -n "${PREPARE_IMAGES:-}" ]; then
+  log "preparing base images: $PREPARE_IMAGES (log: /tmp/container-smoke-prepare.log)"
+  bash "$PREPARE_IMAGES" >/tmp/container-smoke-prepare.log 2>&1 \
+    || { tail -20 /tmp/container-smoke-prepare.log >&2; die "base images could not be prepared"; }
+fi
+
+# Something already answering on the admin port would make the check pass falsely.
+if curl -fs -o /dev/null --max-time 2 "$HEALTH_URL"; then
+  die "something already answers $HEALTH_URL; stop it first"
+fi
+
+log "building with $PODMAN (log: /tmp/container-smoke-build.log)"
+if ! "$PODMAN" build -t "$IMAGE" . >/tmp/container-smoke-build.log 2>&1; then
+  tail -30 /tmp/container-smoke-build.log >&2
+  die "image build failed"
+fi
+
+user=$("$PODMAN" image inspect --format '{{.Config.User}}' "$IMAGE")
+healthcheck=$("$PODMAN" image inspect --format '{{json .Config.Healthcheck}}' "$IMAGE")
+size=$("$PODMAN" image inspect --format '{{.Size}}' "$IMAGE")
+
+cid=$("$PODMAN" run -d --rm --network host "$IMAGE")
+cleanup() {
+  "$PODMAN" logs "$cid" >/tmp/container-smoke-run.log 2>&1 || true
+  "$PODMAN" stop -t 10 "$cid" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+log "started container ${cid:0:12}; waiting for $HEALTH_URL"
+
+healthy=0
+for _ in $(seq 1 60); do
+  if curl -fsS -o /dev/null --max-time 2 "$HEALTH_URL" 2>/dev/null; then healthy=1; break; fi
+  if [ "$("$PODMAN" inspect --format '{{.State.Running}}' "$cid" 2>/dev/null)" != "true" ]; then
+    break
+  fi
+  sleep 0.5
+done
+
+fails=()
+case "$user" in
+  ""|root|0|0:*|root:*) fails+=("image runs as root (User=${user:-<unset>})") ;;
+esac
+[ -n "$healthcheck" ] && [ "$healthcheck" != "null" ] && [ "$healthcheck" != "{}" ] \
+  || fails+=("image has no HEALTHCHECK")
+[ $healthy = 1 ] || fails+=("no answer from $HEALTH_URL")
+
+# The public listener should answer too (a JSON error is fine: nothing is behind it).
+public=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 http://127.0.0.1:8080/no-such-route || true)
+log "public listener GET /no-such-route -> HTTP ${public:-none}"
+
+cleanup
+trap - EXIT
+if [ ${#fails[@]} -gt 0 ]; then
+  log "container log (tail):"; tail -20 /tmp/container-smoke-run.log >&2 || true
+  for f in "${fails[@]}"; do printf '[container-smoke] FAIL: %s\n' "$f" >&2; done
+  exit 1
+fi
+log "OK: runs as user $user, healthcheck $healthcheck, image $((size / 1000000)) MB"

@@ -1,0 +1,204 @@
+//! The local cache of key records in front of the store. A cached key costs
+//! no store round trip; concurrent misses for one digest share one lookup;
+//! while the store is down, keys seen recently keep working for
+//! `stale_if_error`. Invalidated by key id on every change (admin writes,
+//! Redis pub/sub, SQLite `data_version`), with the TTL as a backstop.
+
+use crate::config::Cache as CacheSettings;
+use crate::keys::{Digest, KeyRecord, SharedStore, StoreError};
+use crate::time::Timestamp;
+use dashmap::DashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
+use tokio::sync::OnceCell;
+
+#[derive(Clone)]
+enum Entry {
+    Found { digest: Digest, record: Arc<KeyRecord>, at: Instant },
+    Missing { at: Instant },
+}
+
+type Lookup = Result<Option<Arc<KeyRecord>>, Arc<StoreError>>;
+
+/// Counters read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Answered from the cache.
+    pub hits: AtomicU64,
+    /// Needed a store lookup.
+    pub misses: AtomicU64,
+    /// Served a stale entry because the store failed.
+    pub stale: AtomicU64,
+    /// Store lookups actually made (after single-flight).
+    pub lookups: AtomicU64,
+    /// Store lookups that failed.
+    pub errors: AtomicU64,
+    /// Total store lookup time, microseconds.
+    pub lookup_micros: AtomicU64,
+}
+
+/// The key cache, shared by all requests.
+pub struct KeyCache {
+    store: SharedStore,
+    entries: DashMap<Digest, Entry>,
+    inflight: DashMap<Digest, Arc<OnceCell<Lookup>>>,
+    /// Bumped by every invalidation, so a lookup that started before an
+    /// invalidation cannot put a stale record back.
+    generation: AtomicU64,
+    used: DashMap<String, i64>,
+    /// Hit/miss/stale counters.
+    pub stats: CacheStats,
+}
+
+impl KeyCache {
+    /// A cache in front of `store`.
+    pub fn new(store: SharedStore) -> Self {
+        KeyCache {
+            store,
+            entries: DashMap::new(),
+            inflight: DashMap::new(),
+            generation: AtomicU64::new(0),
+            used: DashMap::new(),
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    /// The record for a digest: from the cache when fresh, else from the store
+    /// (one lookup however many requests wait for it). `Err` only when the
+    /// store failed and no usable stale entry exists.
+    pub async fn get(&self, digest: &Digest, s: &CacheSettings) -> Result<Option<Arc<KeyRecord>>, Arc<StoreError>> {
+        let now = Instant::now();
+        let mut stale = None;
+        if let Some(e) = self.entries.get(digest) {
+            match &*e {
+                Entry::Found { digest: d, record, at } => {
+                    let age = now.saturating_duration_since(*at);
+                    if bool::from(d.ct_eq(digest)) {
+                        if age < s.ttl {
+                            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                            return Ok(Some(record.clone()));
+                        }
+                        if age < s.ttl + s.stale_if_error {
+                            stale = Some(record.clone());
+                        }
+                    }
+                }
+                Entry::Missing { at } if now.saturating_duration_since(*at) < s.negative_ttl => {
+                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(None);
+                }
+                Entry::Missing { .. } => {}
+            }
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let generation = self.generation.load(Ordering::Acquire);
+        let cell = self.inflight.entry(*digest).or_insert_with(|| Arc::new(OnceCell::new())).clone();
+        let result = cell
+            .get_or_init(|| async {
+                self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+                let t = Instant::now();
+                let r = self.store.lookup(digest).await;
+                self.stats.lookup_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                match r {
+                    Ok(rec) => {
+                        let rec = rec.map(Arc::new);
+                        if self.generation.load(Ordering::Acquire) == generation {
+                            let entry = match &rec {
+                                Some(r) => Entry::Found { digest: *digest, record: r.clone(), at: Instant::now() },
+                                None => Entry::Missing { at: Instant::now() },
+                            };
+                            self.entries.insert(*digest, entry);
+                        }
+                        Ok(rec)
+                    }
+                    Err(e) => {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        Err(Arc::new(e))
+                    }
+                }
+            })
+            .await
+            .clone();
+        self.inflight.remove_if(digest, |_, c| Arc::ptr_eq(c, &cell));
+        match result {
+            Err(e) => match stale {
+                Some(rec) => {
+                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                    Ok(Some(rec))
+                }
+                None => Err(e),
+            },
+            ok => ok,
+        }
+    }
+
+    /// Drops every cached digest of a key id (it was changed or revoked).
+    pub fn invalidate(&self, id: &str) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.entries.retain(|_, e| !matches!(e, Entry::Found { record, .. } if record.id == id));
+    }
+
+    /// Drops everything (changes may have been missed).
+    pub fn flush(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.entries.clear();
+    }
+
+    /// Number of cached entries (positive and negative).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Notes that a key authenticated a request; written to the store in
+    /// batches by [`KeyCache::flush_last_used`], never per request.
+    pub fn note_used(&self, id: &str) {
+        let now = Timestamp::now().0;
+        if let Some(mut v) = self.used.get_mut(id) {
+            *v = now;
+            return;
+        }
+        self.used.insert(id.to_string(), now);
+    }
+
+    /// Writes the `last_used_at` of keys used since the last call: at most one
+    /// write per key per call.
+    pub async fn flush_last_used(&self) -> Result<usize, StoreError> {
+        let batch: Vec<(String, Timestamp)> = self.used.iter().map(|e| (e.key().clone(), Timestamp(*e.value()))).collect();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        for (id, _) in &batch {
+            self.used.remove(id);
+        }
+        self.store.touch(&batch).await?;
+        Ok(batch.len())
+    }
+
+    /// Runs the `last_used_at` writer until the process ends.
+    pub fn spawn_last_used_writer(self: &Arc<Self>, every: Duration) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(c) = me.upgrade() else { return };
+                if let Err(e) = c.flush_last_used().await {
+                    tracing::warn!(error = %e, "could not record last_used_at");
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,93 @@
+//! Types shared along the request path: the response body type and the
+//! per-request context that each stage fills in and that logging and
+//! metrics only read.
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Body of every response the public listener sends: streamed from the
+/// upstream, or a small body the gateway made itself.
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// A response body the gateway made itself.
+pub fn full_body(b: impl Into<Bytes>) -> ResponseBody {
+    Either::Right(Full::new(b.into()))
+}
+
+/// What the listener knows about a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    /// The socket peer.
+    pub peer: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// The identity a request was authenticated as (filled by `auth`).
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// The key record (shared with the cache; never holds the secret).
+    pub key: Arc<crate::keys::KeyRecord>,
+}
+
+/// The rate-limit verdict for the tightest applicable limit (filled by `ratelimit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateVerdict {
+    /// `X-RateLimit-Limit`.
+    pub limit: u64,
+    /// `X-RateLimit-Remaining`.
+    pub remaining: u64,
+    /// `X-RateLimit-Reset`, whole seconds until the window frees a request.
+    pub reset_secs: u64,
+}
+
+/// Per-request state. Each stage fills its part; the pipeline's logging and
+/// metrics only read it.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// When the request arrived.
+    pub start: Instant,
+    /// The request id (client's well-formed one, or generated).
+    pub request_id: String,
+    /// Method, kept for the access log.
+    pub method: http::Method,
+    /// Canonical path without the query (never logged with the query).
+    pub path: String,
+    /// The matched route's name.
+    pub route: Option<Arc<str>>,
+    /// The authenticated key.
+    pub identity: Option<Identity>,
+    /// The rate-limit verdict for the response headers.
+    pub rate: Option<RateVerdict>,
+    /// The upstream the request went to.
+    pub upstream: Option<Arc<str>>,
+    /// Time the upstream took to answer with headers.
+    pub upstream_latency: Option<std::time::Duration>,
+    /// An allowed `Origin` to echo for CORS.
+    pub cors_origin: Option<http::HeaderValue>,
+    /// The connection.
+    pub conn: ConnInfo,
+}
+
+impl RequestCtx {
+    /// A fresh context for a request that just arrived.
+    pub fn new(conn: ConnInfo, method: http::Method, request_id: String) -> Self {
+        RequestCtx {
+            start: Instant::now(),
+            request_id,
+            method,
+            path: String::new(),
+            route: None,
+            identity: None,
+            rate: None,
+            upstream: None,
+            upstream_latency: None,
+            cors_origin: None,
+            conn,
+        }
+    }
+}

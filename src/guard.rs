@@ -1,0 +1,170 @@
+//! Stage two: the request guard, before routing. Refuses ambiguous framing
+//! and hostile paths with 400 (and a closed connection), and produces the
+//! one canonical path that the router matches, auth authorises and the
+//! proxy forwards. Never looks at credentials or the store.
+
+use crate::error::GatewayError;
+use http::{HeaderMap, Method, Request, Version, header};
+
+/// Checks framing and the request target; returns the canonical path
+/// (`.`/`..` resolved, `//` merged; the query is not part of it).
+pub fn check<B>(req: &Request<B>) -> Result<String, GatewayError> {
+    check_framing(req.headers(), req.version())?;
+    let uri = req.uri();
+    if req.version() <= Version::HTTP_11 && (uri.scheme().is_some() || uri.authority().is_some()) {
+        return Err(GatewayError::BadRequest("absolute-form request targets are not accepted"));
+    }
+    if req.method() == Method::CONNECT {
+        return Err(GatewayError::BadRequest("CONNECT is not supported"));
+    }
+    canonical_path(uri.path())
+}
+
+fn check_framing(h: &HeaderMap, version: Version) -> Result<(), GatewayError> {
+    let te = h.contains_key(header::TRANSFER_ENCODING);
+    let mut cl = h.get_all(header::CONTENT_LENGTH).iter();
+    let first_cl = cl.next();
+    if cl.next().is_some() {
+        return Err(GatewayError::BadRequest("more than one Content-Length header"));
+    }
+    if te && first_cl.is_some() {
+        return Err(GatewayError::BadRequest("Content-Length together with Transfer-Encoding"));
+    }
+    if let Some(v) = first_cl {
+        if v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit) {
+            return Err(GatewayError::BadRequest("malformed Content-Length"));
+        }
+    }
+    if version == Version::HTTP_11 {
+        let mut hosts = h.get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            (Some(v), None) if !v.is_empty() => {}
+            (None, _) => return Err(GatewayError::BadRequest("missing Host header")),
+            _ => return Err(GatewayError::BadRequest("more than one Host header")),
+        }
+    }
+    Ok(())
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// The canonical form of a request path, or 400 for what must not be
+/// forwarded: control characters, `\`, malformed or forbidden percent
+/// escapes (`%2F %5C %00 %2E`), and dot segments that climb above the root.
+pub fn canonical_path(path: &str) -> Result<String, GatewayError> {
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') {
+        return Err(GatewayError::BadRequest("the request target must be an absolute path"));
+    }
+    let mut i = 0;
+    let mut simple = true;
+    while i < b.len() {
+        match b[i] {
+            c if c < 0x21 || c == 0x7f => return Err(GatewayError::BadRequest("control character in the path")),
+            b'\\' => return Err(GatewayError::BadRequest("backslash in the path")),
+            b'%' => {
+                let (Some(h), Some(l)) = (b.get(i + 1).and_then(|c| hex(*c)), b.get(i + 2).and_then(|c| hex(*c))) else {
+                    return Err(GatewayError::BadRequest("malformed percent-encoding in the path"));
+                };
+                let decoded = h * 16 + l;
+                if matches!(decoded, b'/' | b'\\' | 0 | b'.') || decoded < 0x20 || decoded == 0x7f {
+                    return Err(GatewayError::BadRequest("encoded /, \\, . or control character in the path"));
+                }
+                i += 3;
+                continue;
+            }
+            b'/' if b.get(i + 1) == Some(&b'/') => simple = false,
+            b'.' if b[i - 1] == b'/' && matches!(b.get(i + 1), None | Some(b'/') | Some(b'.')) => simple = false,
+            _ => {}
+        }
+        i += 1;
+    }
+    if simple {
+        // The common case: nothing to rewrite.
+        return Ok(path.to_string());
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let trailing = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
+    for seg in path.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(GatewayError::BadRequest("the path climbs above the root"));
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let mut canon = String::with_capacity(path.len());
+    for s in &out {
+        canon.push('/');
+        canon.push_str(s);
+    }
+    if trailing || canon.is_empty() {
+        canon.push('/');
+    }
+    Ok(canon)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(p: &str) -> String {
+        canonical_path(p).unwrap()
+    }
+
+    fn bad(p: &str) -> bool {
+        matches!(canonical_path(p), Err(GatewayError::BadRequest(_)))
+    }
+
+    #[test]
+    fn canonicalises_dots_and_double_slashes() {
+        assert_eq!(ok("/v1/files//a/./b/../c"), "/v1/files/a/c");
+        assert_eq!(ok("/v1/a/"), "/v1/a/");
+        assert_eq!(ok("/v1/a/b/.."), "/v1/a/");
+        assert_eq!(ok("/"), "/");
+        assert_eq!(ok("//"), "/");
+        assert_eq!(ok("/a/.hidden/..x"), "/a/.hidden/..x");
+        assert_eq!(ok("/v1/sms/%41b"), "/v1/sms/%41b");
+    }
+
+    #[test]
+    fn refuses_hostile_paths() {
+        assert!(bad("/../etc/passwd"));
+        assert!(bad("/a/../../b"));
+        assert!(bad("/a%2Fb"));
+        assert!(bad("/a%2fb"));
+        assert!(bad("/a%5Cb"));
+        assert!(bad("/a%00"));
+        assert!(bad("/a%2E%2E/b"));
+        assert!(bad("/a\\b"));
+        assert!(bad("/a%zz"));
+        assert!(bad("/a%4"));
+        assert!(bad("/a\x01b"));
+        assert!(bad("*"));
+    }
+
+    fn req(headers: &[(&str, &str)], version: Version, uri: &str) -> Request<()> {
+        let mut b = Request::builder().uri(uri).version(version);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn refuses_ambiguous_framing() {
+        let v = Version::HTTP_11;
+        assert!(check(&req(&[("host", "a"), ("content-length", "1"), ("transfer-encoding", "chunked")], v, "/")).is_err());
+        assert!(check(&req(&[("host", "a"), ("content-length", "1"), ("content-length", "1")], v, "/")).is_err());
+        assert!(check(&req(&[], v, "/")).is_err());
+        assert!(check(&req(&[("host", "a"), ("host", "b")], v, "/")).is_err());
+        assert!(check(&req(&[("host", "a")], v, "http://evil/x")).is_err());
+        assert!(check(&req(&[], Version::HTTP_2, "https://a/x")).is_ok(), "h2 carries :authority");
+        assert_eq!(check(&req(&[("host", "a")], v, "/x//y?q=1")).unwrap(), "/x/y");
+    }
+}

@@ -1,0 +1,210 @@
+//! Prometheus metrics, served as text on the admin listener's `/metrics`.
+//! Labels are bounded: route and upstream names from the config, status
+//! codes, error codes — never a raw path, query or key.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Labels of a finished request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route name, or `none` when no route matched.
+    pub route: Arc<str>,
+    /// HTTP method (standard methods only; others are `other`).
+    pub method: &'static str,
+    /// Response status.
+    pub status: u16,
+}
+
+/// A route name label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// Route name.
+    pub route: Arc<str>,
+}
+
+/// An upstream name label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    /// Upstream name.
+    pub upstream: Arc<str>,
+}
+
+/// An upstream failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    /// Upstream name.
+    pub upstream: Arc<str>,
+    /// `unavailable` (refused, reset, malformed) or `timeout`.
+    pub kind: &'static str,
+}
+
+/// An error code label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// Stable error code, e.g. `INVALID_API_KEY`.
+    pub code: &'static str,
+}
+
+/// A limit scope label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabel {
+    /// `key`, `workspace` or `route`.
+    pub scope: &'static str,
+}
+
+/// A reload outcome label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// All metrics of one gateway process.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route, method and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Whole-request latency by route.
+    pub latency: Family<RouteLabel, Histogram>,
+    /// Upstream latency (until response headers) by upstream.
+    pub upstream_latency: Family<UpstreamLabel, Histogram>,
+    /// Upstream failures by upstream and kind.
+    pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    /// Auth refusals by code.
+    pub auth_refusals: Family<CodeLabel, Counter>,
+    /// Rate-limited requests by scope.
+    pub rate_limited: Family<ScopeLabel, Counter>,
+    /// Open client connections.
+    pub open_connections: Gauge,
+    /// Config version in use (1 at start, +1 per applied reload).
+    pub config_version: Gauge,
+    /// Reloads by result.
+    pub reloads: Family<ResultLabel, Counter>,
+    /// 1 when the last reload applied, 0 when it was refused.
+    pub last_reload_ok: Gauge,
+}
+
+/// Values kept elsewhere (cache, limiter) and read at scrape time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Snapshot {
+    /// Key cache hits.
+    pub cache_hits: u64,
+    /// Key cache misses.
+    pub cache_misses: u64,
+    /// Stale entries served while the store was failing.
+    pub cache_stale: u64,
+    /// Store lookups made.
+    pub store_lookups: u64,
+    /// Store lookups that failed.
+    pub store_errors: u64,
+    /// Total store lookup time, seconds.
+    pub store_lookup_seconds: f64,
+    /// Whether the rate limiter runs on its Redis fallback.
+    pub ratelimit_fallback: bool,
+    /// Redis rate-limit calls.
+    pub ratelimit_redis_calls: u64,
+    /// Redis rate-limit errors.
+    pub ratelimit_redis_errors: u64,
+}
+
+fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("portcullis");
+        let buckets = || Histogram::new(exponential_buckets(0.0001, 2.5, 14));
+        let m = Metrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(buckets),
+            upstream_latency: Family::new_with_constructor(buckets),
+            upstream_errors: Family::default(),
+            auth_refusals: Family::default(),
+            rate_limited: Family::default(),
+            open_connections: Gauge::default(),
+            config_version: Gauge::default(),
+            reloads: Family::default(),
+            last_reload_ok: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Requests by route, method and status", m.requests.clone());
+        registry.register("request_duration_seconds", "Request latency by route", m.latency.clone());
+        registry.register("upstream_duration_seconds", "Upstream latency until response headers", m.upstream_latency.clone());
+        registry.register("upstream_errors", "Upstream failures by kind", m.upstream_errors.clone());
+        registry.register("auth_refusals", "Requests refused by authentication or authorisation, by code", m.auth_refusals.clone());
+        registry.register("rate_limited", "Requests refused by a rate limit, by scope", m.rate_limited.clone());
+        registry.register("open_connections", "Open client connections", m.open_connections.clone());
+        registry.register("config_version", "Config version in use", m.config_version.clone());
+        registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
+        registry.register("config_last_reload_success", "1 if the last reload applied", m.last_reload_ok.clone());
+        m.last_reload_ok.set(1);
+        Metrics { registry, ..m }
+    }
+
+    /// Counts a finished request.
+    pub fn observe_request(&self, route: &Arc<str>, method: &http::Method, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels { route: route.clone(), method: method_label(method), status })
+            .inc();
+        self.latency.get_or_create(&RouteLabel { route: route.clone() }).observe(seconds);
+    }
+
+    /// Prometheus text exposition, with the scrape-time values appended.
+    pub fn render(&self, s: &Snapshot) -> String {
+        let mut out = String::with_capacity(8192);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        if out.ends_with("# EOF\n") {
+            out.truncate(out.len() - "# EOF\n".len());
+        }
+        let mut counter = |name: &str, help: &str, v: f64| {
+            let _ = write!(out, "# HELP portcullis_{name} {help}\n# TYPE portcullis_{name} counter\nportcullis_{name}_total {v}\n");
+        };
+        counter("key_cache_hits", "Key lookups answered by the local cache", s.cache_hits as f64);
+        counter("key_cache_misses", "Key lookups that needed the store", s.cache_misses as f64);
+        counter("key_cache_stale", "Stale keys served while the store failed", s.cache_stale as f64);
+        counter("store_lookups", "Key store lookups made", s.store_lookups as f64);
+        counter("store_errors", "Key store lookups that failed", s.store_errors as f64);
+        counter("store_lookup_seconds", "Total time spent in key store lookups", s.store_lookup_seconds);
+        counter("ratelimit_redis_calls", "Rate-limit calls to Redis", s.ratelimit_redis_calls as f64);
+        counter("ratelimit_redis_errors", "Rate-limit calls to Redis that failed", s.ratelimit_redis_errors as f64);
+        let _ = write!(
+            out,
+            "# HELP portcullis_ratelimit_fallback 1 while Redis fails and on_store_error applies\n# TYPE portcullis_ratelimit_fallback gauge\nportcullis_ratelimit_fallback {}\n",
+            u8::from(s.ratelimit_fallback)
+        );
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+/// Reads an atomic counter.
+pub fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}

@@ -1,0 +1,275 @@
+//! The ordered request pipeline: guard → router → auth → rate limit →
+//! proxy. [`handle`] is the one place where an error becomes a response,
+//! where response headers common to all answers are set, and where the
+//! access log line and request metrics are written — exactly once per
+//! request, on success and on error alike.
+
+use crate::auth::{self, AuthInput};
+use crate::config::{AuthMode, Config, Route};
+use crate::context::{ConnInfo, RateVerdict, RequestCtx, ResponseBody, full_body};
+use crate::error::{ErrorSource, GatewayError};
+use crate::ratelimit::{Decision, LimitRequest};
+use crate::server::{App, Snapshot};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Handles one request end to end. Never fails: errors become the JSON
+/// answers of DESIGN.md.
+pub async fn handle(req: Request<Incoming>, conn: ConnInfo, app: &App) -> Response<ResponseBody> {
+    let snap = app.current.load_full();
+    let request_id = request_id(req.headers()).unwrap_or_else(|| app.ids.next());
+    let mut ctx = RequestCtx::new(conn, req.method().clone(), request_id);
+
+    let max = snap.config.server.max_in_flight;
+    let result = if app.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
+        Err(GatewayError::Overloaded)
+    } else {
+        inner(req, &mut ctx, &snap, app).await
+    };
+    app.in_flight.fetch_sub(1, Ordering::Relaxed);
+
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            record_error(&e, &ctx, app);
+            e.to_response(&ctx.request_id)
+        }
+    };
+    finish(&mut resp, &ctx);
+    log_and_count(&resp, &ctx, app);
+    resp
+}
+
+/// The straight run of stages; any `?` ends the request with that error.
+async fn inner(
+    req: Request<Incoming>,
+    ctx: &mut RequestCtx,
+    snap: &Arc<Snapshot>,
+    app: &App,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let cfg = &snap.config;
+    ctx.path = crate::guard::check(&req)?;
+    auth::check_query(req.uri().query(), cfg)?;
+
+    if cfg.self_service && crate::admin::self_service::handles(&ctx.path) {
+        let client_ip = client_ip(req.headers(), ctx.conn, cfg);
+        return crate::admin::self_service::handle(req, ctx, cfg, app, client_ip).await;
+    }
+    if let Some(resp) = preflight(&req, &ctx.path, cfg) {
+        return Ok(resp);
+    }
+
+    let route = cfg.router.at(req.method(), &ctx.path)?.clone();
+    ctx.route = Some(route.name.clone());
+    let client_ip = client_ip(req.headers(), ctx.conn, cfg);
+
+    if route.auth == AuthMode::Key {
+        let input = AuthInput { headers: req.headers(), client_ip, route: &route };
+        let identity = auth::authenticate(&input, cfg, &app.keys).await?;
+        if route.allows_public() {
+            ctx.cors_origin = req.headers().get(header::ORIGIN).cloned();
+        }
+        ctx.identity = Some(identity);
+        rate_limit(ctx, &route, cfg, app).await?;
+    }
+
+    if let Some(len) = content_length(req.headers()) {
+        if len > route.max_body_bytes {
+            return Err(GatewayError::PayloadTooLarge);
+        }
+    }
+    let pool = snap
+        .pools
+        .get(&route.upstream)
+        .ok_or_else(|| GatewayError::Internal(format!("no pool for upstream {}", route.upstream)))?;
+    let xff = forwarded_for(req.headers(), ctx.conn, cfg);
+    let fwd = crate::proxy::Forwarding { xff, strip_credentials: route.auth == AuthMode::Key };
+    crate::proxy::forward(pool, &route, req, fwd, ctx).await
+}
+
+async fn rate_limit(ctx: &mut RequestCtx, route: &Route, cfg: &Config, app: &App) -> Result<(), GatewayError> {
+    let Some(identity) = &ctx.identity else { return Ok(()) };
+    let key = &identity.key;
+    let plan = cfg.plan_limits(key.plan.as_deref());
+    let limits_buf;
+    let limits = if route.limits.is_empty() {
+        plan
+    } else {
+        limits_buf = [plan, &route.limits[..]].concat();
+        &limits_buf[..]
+    };
+    if limits.is_empty() {
+        return Ok(());
+    }
+    let req = LimitRequest { key_id: &key.id, workspace: &key.workspace, route: &route.name, limits };
+    match app.limiter.check(&req).await {
+        Decision::Unlimited => Ok(()),
+        Decision::Allowed(v) => {
+            ctx.rate = Some(v);
+            Ok(())
+        }
+        Decision::Refused { verdict, retry_after_secs, scope } => {
+            ctx.rate = Some(verdict);
+            app.metrics.rate_limited.get_or_create(&crate::metrics::ScopeLabel { scope: scope.as_str() }).inc();
+            Err(GatewayError::RateLimited { retry_after: retry_after_secs.max(1) })
+        }
+    }
+}
+
+/// A browser's CORS preflight for a route that allows public keys: answered
+/// here, without a key (browsers send none on preflight).
+fn preflight(req: &Request<Incoming>, path: &str, cfg: &Config) -> Option<Response<ResponseBody>> {
+    if req.method() != Method::OPTIONS {
+        return None;
+    }
+    let origin = req.headers().get(header::ORIGIN)?;
+    let wanted = req.headers().get(header::ACCESS_CONTROL_REQUEST_METHOD)?;
+    let method = Method::from_bytes(wanted.as_bytes()).ok()?;
+    let route = cfg.router.at(&method, path).ok()?;
+    if !route.allows_public() {
+        return None;
+    }
+    let mut resp = Response::new(full_body(bytes::Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let h = resp.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_str(method.as_str()).ok()?);
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, x-api-key, content-type, x-request-id"),
+    );
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    Some(resp)
+}
+
+/// Headers every answer gets: the request id, the rate-limit headers on a
+/// keyed route, and the CORS echo for an allowed browser origin.
+fn finish(resp: &mut Response<ResponseBody>, ctx: &RequestCtx) {
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+        h.insert("x-request-id", v);
+    }
+    if let Some(RateVerdict { limit, remaining, reset_secs }) = ctx.rate {
+        h.insert("x-ratelimit-limit", HeaderValue::from(limit));
+        h.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
+        h.insert("x-ratelimit-reset", HeaderValue::from(reset_secs));
+    }
+    if let (Some(origin), Some(id)) = (&ctx.cors_origin, &ctx.identity) {
+        // Only after auth passed, which checked the origin against the key.
+        if id.key.kind == "public" {
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+            h.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("x-request-id, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset"),
+            );
+            h.append(header::VARY, HeaderValue::from_static("Origin"));
+        }
+    }
+}
+
+fn record_error(e: &GatewayError, ctx: &RequestCtx, app: &App) {
+    let m = &app.metrics;
+    match e.status().as_u16() {
+        401 | 403 => {
+            m.auth_refusals.get_or_create(&crate::metrics::CodeLabel { code: e.code() }).inc();
+        }
+        502 | 504 => {
+            if let Some(u) = &ctx.upstream {
+                let kind = if matches!(e, GatewayError::UpstreamTimeout) { "timeout" } else { "unavailable" };
+                m.upstream_errors.get_or_create(&crate::metrics::UpstreamErrorLabels { upstream: u.clone(), kind }).inc();
+            }
+        }
+        _ => {}
+    }
+    match e.source() {
+        ErrorSource::Client => {}
+        ErrorSource::Upstream => {
+            tracing::warn!(request_id = %ctx.request_id, upstream = ctx.upstream.as_deref().unwrap_or("-"), error = %e, "upstream failed")
+        }
+        ErrorSource::Internal => tracing::error!(request_id = %ctx.request_id, error = %e, "request failed inside the gateway"),
+    }
+}
+
+fn log_and_count(resp: &Response<ResponseBody>, ctx: &RequestCtx, app: &App) {
+    static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("none"));
+    let status = resp.status().as_u16();
+    let elapsed = ctx.start.elapsed();
+    let route = ctx.route.as_ref().unwrap_or(&NO_ROUTE);
+    app.metrics.observe_request(route, &ctx.method, status, elapsed.as_secs_f64());
+    if let (Some(u), Some(t)) = (&ctx.upstream, ctx.upstream_latency) {
+        app.metrics
+            .upstream_latency
+            .get_or_create(&crate::metrics::UpstreamLabel { upstream: u.clone() })
+            .observe(t.as_secs_f64());
+    }
+    let key = ctx.identity.as_ref().map(|i| &*i.key);
+    // The path is the canonical path without the query: a query-string
+    // credential never reaches the log.
+    tracing::info!(
+        target: "portcullis::access",
+        request_id = %ctx.request_id,
+        method = %ctx.method,
+        path = %ctx.path,
+        route = %route,
+        status,
+        upstream = ctx.upstream.as_deref().unwrap_or("-"),
+        key_id = key.map_or("-", |k| k.id.as_str()),
+        workspace = key.map_or("-", |k| k.workspace.as_str()),
+        bytes = content_length(resp.headers()).unwrap_or(0),
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
+        peer = %ctx.conn.peer.ip(),
+    );
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// A client-sent `X-Request-Id` when well-formed (1–128 of `[A-Za-z0-9._-]`).
+fn request_id(h: &HeaderMap) -> Option<String> {
+    let v = h.get("x-request-id")?.as_bytes();
+    let ok = !v.is_empty() && v.len() <= 128 && v.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    ok.then(|| String::from_utf8_lossy(v).into_owned())
+}
+
+fn trusted(ip: IpAddr, cfg: &Config) -> bool {
+    cfg.server.trusted_proxies.iter().any(|n| n.contains(&ip))
+}
+
+/// The client address: the socket peer, or — when the peer is a trusted
+/// proxy — the right-most `X-Forwarded-For` hop that is not itself trusted.
+pub fn client_ip(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> IpAddr {
+    let peer = conn.peer.ip();
+    if !trusted(peer, cfg) {
+        return peer;
+    }
+    let hops = h.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).flat_map(|s| s.split(','));
+    let hops: Vec<&str> = hops.collect();
+    for hop in hops.iter().rev() {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) if trusted(ip, cfg) => continue,
+            Ok(ip) => return ip,
+            Err(_) => break,
+        }
+    }
+    peer
+}
+
+/// The `X-Forwarded-For` sent upstream: the peer, appended to the client's
+/// list only when the peer is a trusted proxy (else the client's is dropped).
+fn forwarded_for(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> HeaderValue {
+    let peer = conn.peer.ip();
+    if trusted(peer, cfg) {
+        let prior: Vec<&str> = h.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+        if !prior.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))) {
+                return v;
+            }
+        }
+    }
+    HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+}

@@ -1,0 +1,219 @@
+//! Last stage: forward an admitted request to its upstream and stream the
+//! answer back. One pooled keep-alive client per upstream, round-robin over
+//! its targets; bodies stream both ways, never buffered. Never retries a
+//! request that may have reached the upstream.
+
+pub mod headers;
+
+use crate::config::{Route, Upstream};
+use crate::context::{ResponseBody, RequestCtx};
+use crate::error::GatewayError;
+use crate::keys::Environment;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{Either, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// The request body as forwarded: the client's, capped at the route's size.
+pub type ForwardBody = Limited<Incoming>;
+
+/// A pooled client for one upstream.
+pub struct UpstreamPool {
+    /// The upstream's config (a pool is kept across reloads only while it is unchanged).
+    pub config: Upstream,
+    client: Client<HttpsConnector<HttpConnector>, ForwardBody>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for UpstreamPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamPool").field("name", &self.config.name).finish()
+    }
+}
+
+impl UpstreamPool {
+    /// A pool for an upstream: keep-alive, connect timeout, idle timeout.
+    pub fn new(config: Upstream) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(https);
+        UpstreamPool { config, client, next: AtomicUsize::new(0) }
+    }
+
+    fn pick(&self, env: Option<Environment>) -> &Uri {
+        let list = match env {
+            Some(Environment::Test) if !self.config.test_targets.is_empty() => &self.config.test_targets,
+            _ => &self.config.targets,
+        };
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &list[i % list.len()]
+    }
+}
+
+/// What the proxy needs to know about the client side of a request.
+pub struct Forwarding {
+    /// The client's address as the gateway believes it (for `X-Forwarded-For`).
+    pub xff: HeaderValue,
+    /// Whether the credential headers must be removed (keyed route).
+    pub strip_credentials: bool,
+}
+
+/// Forwards the request and returns the upstream's response, streamed.
+pub async fn forward(
+    pool: &UpstreamPool,
+    route: &Route,
+    mut req: Request<Incoming>,
+    fwd: Forwarding,
+    ctx: &mut RequestCtx,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let env = ctx.identity.as_ref().map(|i| i.key.environment);
+    let target = pool.pick(env);
+    let upgrade = route.websocket && req.headers().contains_key(header::UPGRADE);
+
+    // The forwarded URI: the target's origin + the canonical path + the query.
+    let mut pq = String::with_capacity(ctx.path.len() + 1 + req.uri().query().map_or(0, str::len));
+    pq.push_str(&ctx.path);
+    if let Some(q) = req.uri().query() {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let mut parts = target.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().map_err(|_| GatewayError::BadRequest("malformed request target"))?);
+    let uri = Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("malformed request target"))?;
+
+    let original_host = req
+        .headers()
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let h = req.headers_mut();
+    let wants_trailers = headers::strip_hop_by_hop(h, upgrade);
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if wants_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if fwd.strip_credentials {
+        h.remove(header::AUTHORIZATION);
+        h.remove("x-api-key");
+    }
+    h.remove(header::HOST);
+    h.insert("x-forwarded-for", fwd.xff);
+    h.insert("x-forwarded-proto", HeaderValue::from_static(if ctx.conn.tls { "https" } else { "http" }));
+    match original_host {
+        Some(v) => h.insert("x-forwarded-host", v),
+        None => h.remove("x-forwarded-host"),
+    };
+    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+        h.insert("x-request-id", v);
+    }
+    // Identity headers: always ours, never the client's.
+    h.remove("x-key-id");
+    h.remove("x-workspace-id");
+    h.remove("x-key-environment");
+    if let Some(id) = &ctx.identity {
+        if let Ok(v) = HeaderValue::from_str(&id.key.id) {
+            h.insert("x-key-id", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&id.key.workspace) {
+            h.insert("x-workspace-id", v);
+        }
+        h.insert("x-key-environment", HeaderValue::from_static(id.key.environment.as_str()));
+    }
+
+    let (mut head, body) = req.into_parts();
+    head.uri = uri;
+    if head.version == http::Version::HTTP_2 {
+        head.version = http::Version::HTTP_11;
+    }
+    let limit = usize::try_from(route.max_body_bytes).unwrap_or(usize::MAX);
+    let out = Request::from_parts(head, Limited::new(body, limit));
+
+    ctx.upstream = Some(pool.config.name.clone());
+    let sent = Instant::now();
+    let result = tokio::time::timeout(pool.config.request_timeout, pool.client.request(out)).await;
+    ctx.upstream_latency = Some(sent.elapsed());
+    let mut resp = match result {
+        Err(_) => return Err(GatewayError::UpstreamTimeout),
+        Ok(Err(e)) => return Err(classify(&e)),
+        Ok(Ok(r)) => r,
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+                }
+            });
+            let (parts, body) = resp.into_parts();
+            return Ok(Response::from_parts(parts, Either::Left(body)));
+        }
+        return Err(GatewayError::UpstreamUnavailable("unexpected 101 from upstream".into()));
+    }
+    headers::strip_hop_by_hop(resp.headers_mut(), false);
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(parts, Either::Left(body)))
+}
+
+/// Maps a client error: a body over the size limit is the client's fault
+/// (413); anything else means the upstream refused, reset or spoke garbage.
+fn classify(e: &hyper_util::client::legacy::Error) -> GatewayError {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return GatewayError::PayloadTooLarge;
+        }
+        src = s.source();
+    }
+    if e.is_connect() {
+        GatewayError::UpstreamUnavailable(format!("connect: {e:?}"))
+    } else {
+        GatewayError::UpstreamUnavailable(format!("{e:?}"))
+    }
+}
+
+/// The pools of one config snapshot, by upstream name.
+#[derive(Debug, Default, Clone)]
+pub struct Pools {
+    by_name: std::collections::HashMap<Arc<str>, Arc<UpstreamPool>>,
+}
+
+impl Pools {
+    /// Pools for `upstreams`, reusing those of `previous` whose config is unchanged.
+    pub fn build<'a>(upstreams: impl IntoIterator<Item = &'a Upstream>, previous: Option<&Pools>) -> Pools {
+        let mut by_name = std::collections::HashMap::new();
+        for u in upstreams {
+            let kept = previous.and_then(|p| p.by_name.get(&u.name)).filter(|p| p.config == *u).cloned();
+            by_name.insert(u.name.clone(), kept.unwrap_or_else(|| Arc::new(UpstreamPool::new(u.clone()))));
+        }
+        Pools { by_name }
+    }
+
+    /// The pool of an upstream.
+    pub fn get(&self, name: &str) -> Option<&Arc<UpstreamPool>> {
+        self.by_name.get(name)
+    }
+}

@@ -1,0 +1,103 @@
+//! Hot reload: on a change of the config file (rename or in-place write),
+//! of the TLS certificate or key files, on SIGHUP, or on request, parse and
+//! validate the file and swap the whole snapshot in. A bad file is logged
+//! (file:line:col) and counted; the running config stays.
+
+use crate::listener::TlsReloader;
+use crate::metrics::ResultLabel;
+use crate::server::App;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How often the files are checked for changes.
+const POLL: Duration = Duration::from_millis(250);
+
+async fn fingerprint(paths: &[PathBuf]) -> u64 {
+    let mut h = DefaultHasher::new();
+    for p in paths {
+        match tokio::fs::read(p).await {
+            Ok(bytes) => bytes.hash(&mut h),
+            Err(e) => e.kind().hash(&mut h),
+        }
+    }
+    h.finish()
+}
+
+fn watched(app: &App, tls: &Option<TlsReloader>) -> Vec<PathBuf> {
+    let s = app.snapshot();
+    let mut v = vec![s.config.source.clone()];
+    if let Some(t) = tls {
+        let f = t.files();
+        v.push(f.cert.clone());
+        v.push(f.key.clone());
+    }
+    v
+}
+
+/// Runs until shutdown, reloading on file changes, SIGHUP and `App::reload`.
+pub async fn watch(app: Arc<App>, tls: Option<TlsReloader>, mut shutdown: watch::Receiver<bool>) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut paths = watched(&app, &tls);
+    let mut last = fingerprint(&paths).await;
+    let mut tick = tokio::time::interval(POLL);
+    loop {
+        #[cfg(unix)]
+        let hup_fut = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup_fut = std::future::pending::<Option<()>>();
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            _ = hup_fut => true,
+            _ = app.reload.notified() => true,
+            _ = shutdown.changed() => return,
+        };
+        let now = fingerprint(&paths).await;
+        if !forced && now == last {
+            continue;
+        }
+        let source = app.snapshot().config.source.clone();
+        reload_once(&app, &tls, &source);
+        // The TLS file paths may have changed with the config.
+        paths = watched(&app, &tls);
+        last = fingerprint(&paths).await;
+    }
+}
+
+/// Loads, validates and applies the config file once. Returns whether it applied.
+pub fn reload_once(app: &App, tls: &Option<TlsReloader>, path: &Path) -> bool {
+    let m = &app.metrics;
+    let fail = |why: &str| {
+        m.reloads.get_or_create(&ResultLabel { result: "error" }).inc();
+        m.last_reload_ok.set(0);
+        tracing::error!(file = %path.display(), errors = %why, "config reload refused; the running config stays");
+        false
+    };
+    let config = match crate::config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string()),
+    };
+    if let (Some(t), Some(files)) = (tls, &config.server.tls) {
+        if let Err(e) = t.reload(files) {
+            return fail(&e);
+        }
+    }
+    let restart = app.apply(config);
+    m.reloads.get_or_create(&ResultLabel { result: "ok" }).inc();
+    m.last_reload_ok.set(1);
+    let version = app.snapshot().version;
+    if restart.is_empty() {
+        tracing::info!(file = %path.display(), version, "config reloaded");
+    } else {
+        tracing::warn!(file = %path.display(), version, needs_restart = ?restart, "config reloaded; some changes need a restart and were not applied");
+    }
+    true
+}

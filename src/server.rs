@@ -1,0 +1,238 @@
+//! The running gateway: shared state ([`App`]), the config snapshot swapped
+//! whole on reload, and [`Gateway`] which binds the listeners, starts the
+//! background tasks and shuts down gracefully.
+
+use crate::auth::KeyCache;
+use crate::config::{Config, RateLimitMode};
+use crate::keys::{KeyEvent, SharedStore, StoreError};
+use crate::metrics::Metrics;
+use crate::proxy::Pools;
+use crate::ratelimit::{RateLimitError, RateLimiter};
+use arc_swap::ArcSwap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// One config version with everything compiled from it. A request loads the
+/// snapshot once and uses only that, so it is served by exactly one version.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The validated config (routes, plans, key kinds …).
+    pub config: Arc<Config>,
+    /// Upstream pools (kept across reloads while an upstream is unchanged).
+    pub pools: Pools,
+    /// 1 at start, +1 per applied reload.
+    pub version: u64,
+}
+
+/// Makes request ids: a random per-process prefix and a counter, so no
+/// randomness is drawn per request.
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        let mut prefix = String::with_capacity(12);
+        crate::keys::format::push_random_base62(&mut prefix, 10);
+        RequestIds { prefix, next: AtomicU64::new(1) }
+    }
+}
+
+impl RequestIds {
+    /// A new request id, e.g. `Xy3k9QpLm2-00000000002a`.
+    pub fn next(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{:012x}", self.prefix, n)
+    }
+}
+
+/// What can stop the gateway from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The key store cannot be opened.
+    #[error("key store: {0}")]
+    Store(#[from] StoreError),
+    /// The rate limiter cannot start.
+    #[error("rate limiter: {0}")]
+    RateLimit(#[from] RateLimitError),
+    /// A listener cannot bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS files cannot be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// State shared by every connection and request.
+pub struct App {
+    /// The config snapshot in force.
+    pub current: ArcSwap<Snapshot>,
+    /// The key cache in front of the store.
+    pub keys: Arc<KeyCache>,
+    /// The rate limiter.
+    pub limiter: Arc<RateLimiter>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Request id source.
+    pub ids: RequestIds,
+    /// Requests in flight (for load shedding).
+    pub in_flight: AtomicUsize,
+    /// Wakes the reload task (SIGHUP does the same).
+    pub reload: tokio::sync::Notify,
+}
+
+impl App {
+    /// Opens the store, starts the limiter and the cache's watchers.
+    pub async fn new(config: Config) -> Result<Arc<App>, StartError> {
+        let store: SharedStore = crate::keys::open(&config.store.url, config.store.timeout).await?;
+        let redis_url = (config.rate_limit.mode != RateLimitMode::Local).then_some(config.store.url.as_str());
+        let limiter = RateLimiter::new(config.rate_limit, redis_url).await?;
+        let keys = Arc::new(KeyCache::new(store.clone()));
+        keys.spawn_last_used_writer(config.cache.last_used_interval);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        store.watch(tx);
+        let weak = Arc::downgrade(&keys);
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                let Some(k) = weak.upgrade() else { return };
+                match ev {
+                    KeyEvent::Changed(id) => k.invalidate(&id),
+                    KeyEvent::Flush => k.flush(),
+                }
+            }
+        });
+        let metrics = Arc::new(Metrics::new());
+        metrics.config_version.set(1);
+        let pools = Pools::build(config.upstreams.values(), None);
+        Ok(Arc::new(App {
+            current: ArcSwap::from_pointee(Snapshot { config: Arc::new(config), pools, version: 1 }),
+            keys,
+            limiter: Arc::new(limiter),
+            metrics,
+            ids: RequestIds::default(),
+            in_flight: AtomicUsize::new(0),
+            reload: tokio::sync::Notify::new(),
+        }))
+    }
+
+    /// The snapshot in force.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Swaps in a new config whole. Returns the settings that changed but
+    /// only take effect after a restart (they keep their old values).
+    pub fn apply(&self, mut config: Config) -> Vec<&'static str> {
+        let old = self.current.load();
+        let mut restart = Vec::new();
+        if config.server.listen != old.config.server.listen {
+            restart.push("server.listen");
+            config.server.listen = old.config.server.listen;
+        }
+        if config.server.tls.is_some() != old.config.server.tls.is_some() {
+            restart.push("server.tls (on/off)");
+            config.server.tls = old.config.server.tls.clone();
+        }
+        if config.admin.listen != old.config.admin.listen {
+            restart.push("admin.listen");
+            config.admin.listen = old.config.admin.listen;
+        }
+        if config.store != old.config.store {
+            restart.push("store");
+            config.store = old.config.store.clone();
+        }
+        if config.rate_limit.mode != old.config.rate_limit.mode {
+            restart.push("rate_limit.mode");
+            config.rate_limit.mode = old.config.rate_limit.mode;
+        }
+        let pools = Pools::build(config.upstreams.values(), Some(&old.pools));
+        let version = old.version + 1;
+        self.current.store(Arc::new(Snapshot { config: Arc::new(config), pools, version }));
+        self.metrics.config_version.set(version as i64);
+        restart
+    }
+
+    /// Values for `/metrics` kept outside the registry.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        use crate::metrics::load;
+        let s = &self.keys.stats;
+        let rl = self.limiter.stats();
+        crate::metrics::Snapshot {
+            cache_hits: load(&s.hits),
+            cache_misses: load(&s.misses),
+            cache_stale: load(&s.stale),
+            store_lookups: load(&s.lookups),
+            store_errors: load(&s.errors),
+            store_lookup_seconds: load(&s.lookup_micros) as f64 / 1e6,
+            ratelimit_fallback: self.limiter.fallback_active(),
+            ratelimit_redis_calls: rl.redis_calls,
+            ratelimit_redis_errors: rl.redis_errors,
+        }
+    }
+}
+
+/// A running gateway: both listeners bound, serving until shut down.
+pub struct Gateway {
+    /// Shared state.
+    pub app: Arc<App>,
+    /// The public listener's address (useful with port 0).
+    pub addr: SocketAddr,
+    /// The admin listener's address.
+    pub admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Binds the listeners and starts serving `config`.
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let listen = config.server.listen;
+        let admin_listen = config.admin.listen;
+        let tls = match &config.server.tls {
+            Some(files) => Some(crate::listener::TlsReloader::new(files).map_err(StartError::Tls)?),
+            None => None,
+        };
+        let admin_tls = match &config.admin.tls {
+            Some(files) => Some(crate::listener::TlsReloader::new(files).map_err(StartError::Tls)?),
+            None => None,
+        };
+        let public = TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
+        let admin = TcpListener::bind(admin_listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: admin_listen, source })?;
+        let addr = public.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
+        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind { addr: admin_listen, source })?;
+        let app = App::new(config).await?;
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(crate::listener::serve_public(public, app.clone(), tls.clone(), rx.clone())));
+        tasks.push(tokio::spawn(crate::admin::serve(admin, app.clone(), admin_tls, rx.clone())));
+        tasks.push(tokio::spawn(crate::reload::watch(app.clone(), tls, rx)));
+        tracing::info!(%addr, %admin_addr, "portcullis listening");
+        Ok(Gateway { app, addr, admin_addr, shutdown, tasks })
+    }
+
+    /// Asks the gateway to reload its config file now (as SIGHUP does).
+    pub fn reload_now(&self) {
+        self.app.reload.notify_one();
+    }
+
+    /// Stops accepting, lets in-flight requests finish up to the configured
+    /// grace period, and returns when everything has stopped.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
