@@ -25,6 +25,9 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// Whether the connection's bytes showed a request head with both
+    /// `Content-Length` and `Transfer-Encoding` (hyper hides that conflict).
+    pub framing_conflict: bool,
 }
 
 /// The identity a request was authenticated as (filled by `auth`).

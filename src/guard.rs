@@ -8,7 +8,10 @@ use http::{HeaderMap, Method, Request, Version, header};
 
 /// Checks framing and the request target; returns the canonical path
 /// (`.`/`..` resolved, `//` merged; the query is not part of it).
-pub fn check<B>(req: &Request<B>) -> Result<String, GatewayError> {
+pub fn check<B>(req: &Request<B>, framing_conflict: bool) -> Result<String, GatewayError> {
+    if framing_conflict {
+        return Err(GatewayError::BadRequest("Content-Length together with Transfer-Encoding"));
+    }
     check_framing(req.headers(), req.version())?;
     let uri = req.uri();
     if req.version() <= Version::HTTP_11 && (uri.scheme().is_some() || uri.authority().is_some()) {
@@ -156,15 +159,19 @@ mod tests {
         b.body(()).unwrap()
     }
 
+    fn check_<B>(r: &Request<B>) -> Result<String, GatewayError> {
+        check(r, false)
+    }
+
     #[test]
     fn refuses_ambiguous_framing() {
         let v = Version::HTTP_11;
-        assert!(check(&req(&[("host", "a"), ("content-length", "1"), ("transfer-encoding", "chunked")], v, "/")).is_err());
-        assert!(check(&req(&[("host", "a"), ("content-length", "1"), ("content-length", "1")], v, "/")).is_err());
-        assert!(check(&req(&[], v, "/")).is_err());
-        assert!(check(&req(&[("host", "a"), ("host", "b")], v, "/")).is_err());
-        assert!(check(&req(&[("host", "a")], v, "http://evil/x")).is_err());
-        assert!(check(&req(&[], Version::HTTP_2, "https://a/x")).is_ok(), "h2 carries :authority");
-        assert_eq!(check(&req(&[("host", "a")], v, "/x//y?q=1")).unwrap(), "/x/y");
+        assert!(check_(&req(&[("host", "a"), ("content-length", "1"), ("transfer-encoding", "chunked")], v, "/")).is_err());
+        assert!(check_(&req(&[("host", "a"), ("content-length", "1"), ("content-length", "1")], v, "/")).is_err());
+        assert!(check_(&req(&[], v, "/")).is_err());
+        assert!(check_(&req(&[("host", "a"), ("host", "b")], v, "/")).is_err());
+        assert!(check_(&req(&[("host", "a")], v, "http://evil/x")).is_err());
+        assert!(check_(&req(&[], Version::HTTP_2, "https://a/x")).is_ok(), "h2 carries :authority");
+        assert_eq!(check_(&req(&[("host", "a")], v, "/x//y?q=1")).unwrap(), "/x/y");
     }
 }

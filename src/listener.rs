@@ -16,7 +16,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::convert::Infallible;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
@@ -71,7 +74,7 @@ impl TlsReloader {
         self.files.load_full()
     }
 
-    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.config.load_full())
     }
 }
@@ -109,7 +112,7 @@ pub async fn serve_public(listener: TcpListener, app: Arc<App>, tls: Option<TlsR
         tokio::spawn(async move {
             let _permit = permit;
             app.metrics.open_connections.inc();
-            let conn = ConnInfo { peer, tls: acceptor.is_some() };
+            let conn = ConnInfo { peer, tls: acceptor.is_some(), framing_conflict: false };
             match acceptor {
                 None => serve_connection(tcp, conn, app.clone(), watcher).await,
                 Some(acceptor) => {
@@ -154,13 +157,139 @@ where
         .keep_alive_interval(cfg.keepalive_timeout / 2)
         .keep_alive_timeout(cfg.header_read_timeout);
     drop(s);
+    let io = FramingSniffer::new(io);
+    let conflict = io.flag.clone();
     let svc_app = app.clone();
     let service = service_fn(move |req| {
         let app = svc_app.clone();
+        let conn = ConnInfo { framing_conflict: conflict.load(Ordering::Relaxed), ..conn };
         async move { Ok::<_, Infallible>(crate::pipeline::handle(req, conn, &app).await) }
     });
     let fut = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(fut.into_owned()).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Watches the bytes of an HTTP/1 connection for a request head carrying both
+/// `Content-Length` and `Transfer-Encoding`. hyper resolves that conflict
+/// silently (it drops `Content-Length`), but a gateway must refuse it: a
+/// server behind another proxy could frame the same bytes differently.
+pub struct FramingSniffer<T> {
+    inner: T,
+    /// Set once a conflicting head was seen on this connection.
+    pub flag: Arc<AtomicBool>,
+    line: [u8; 20],
+    line_len: usize,
+    saw_cl: bool,
+    saw_te: bool,
+    started: bool,
+    done: bool,
+}
+
+impl<T> FramingSniffer<T> {
+    /// Wraps a connection.
+    pub fn new(inner: T) -> Self {
+        FramingSniffer {
+            inner,
+            flag: Arc::new(AtomicBool::new(false)),
+            line: [0; 20],
+            line_len: 0,
+            saw_cl: false,
+            saw_te: false,
+            started: false,
+            done: false,
+        }
+    }
+
+    fn scan(&mut self, bytes: &[u8]) {
+        if !self.started && !bytes.is_empty() {
+            self.started = true;
+            // HTTP/2 (prior knowledge or ALPN) has no such framing: stop looking.
+            if bytes.starts_with(b"PRI * HTTP/2.0") {
+                self.done = true;
+                return;
+            }
+        }
+        for &b in bytes {
+            if b == b'\n' {
+                let line = &self.line[..self.line_len];
+                let blank = line.is_empty() || line == b"\r";
+                if blank {
+                    self.saw_cl = false;
+                    self.saw_te = false;
+                } else if line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:") {
+                    self.saw_cl = true;
+                } else if line.len() >= 18 && line[..18].eq_ignore_ascii_case(b"transfer-encoding:") {
+                    self.saw_te = true;
+                }
+                if self.saw_cl && self.saw_te {
+                    self.flag.store(true, Ordering::Relaxed);
+                    self.done = true;
+                    return;
+                }
+                self.line_len = 0;
+            } else if self.line_len < self.line.len() {
+                self.line[self.line_len] = b;
+                self.line_len += 1;
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for FramingSniffer<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !self.done && matches!(r, Poll::Ready(Ok(()))) {
+            let me = &mut *self;
+            me.scan(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for FramingSniffer<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffer_flags_content_length_with_transfer_encoding_across_reads() {
+        let mut s = FramingSniffer::new(());
+        s.scan(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Len");
+        s.scan(b"gth: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+        assert!(s.flag.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn sniffer_ignores_separate_requests_and_http2() {
+        let mut s = FramingSniffer::new(());
+        s.scan(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\nPOST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+        assert!(!s.flag.load(Ordering::Relaxed));
+        let mut s = FramingSniffer::new(());
+        s.scan(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n");
+        assert!(!s.flag.load(Ordering::Relaxed));
     }
 }

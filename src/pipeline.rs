@@ -22,12 +22,15 @@ pub async fn handle(req: Request<Incoming>, conn: ConnInfo, app: &App) -> Respon
     let snap = app.current.load_full();
     let request_id = request_id(req.headers()).unwrap_or_else(|| app.ids.next());
     let mut ctx = RequestCtx::new(conn, req.method().clone(), request_id);
+    let h2 = req.version() == http::Version::HTTP_2;
 
     let max = snap.config.server.max_in_flight;
     let result = if app.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
         Err(GatewayError::Overloaded)
     } else {
-        inner(req, &mut ctx, &snap, app).await
+        // Boxed so that an idle connection does not carry the (large) future
+        // of a whole request in its state: hyper keeps room for one per connection.
+        Box::pin(inner(req, &mut ctx, &snap, app)).await
     };
     app.in_flight.fetch_sub(1, Ordering::Relaxed);
 
@@ -39,6 +42,10 @@ pub async fn handle(req: Request<Incoming>, conn: ConnInfo, app: &App) -> Respon
         }
     };
     finish(&mut resp, &ctx);
+    if h2 {
+        // Connection-specific headers are illegal in HTTP/2.
+        resp.headers_mut().remove(header::CONNECTION);
+    }
     log_and_count(&resp, &ctx, app);
     resp
 }
@@ -51,7 +58,7 @@ async fn inner(
     app: &App,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let cfg = &snap.config;
-    ctx.path = crate::guard::check(&req)?;
+    ctx.path = crate::guard::check(&req, ctx.conn.framing_conflict)?;
     auth::check_query(req.uri().query(), cfg)?;
 
     if cfg.self_service && crate::admin::self_service::handles(&ctx.path) {

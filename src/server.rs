@@ -207,16 +207,26 @@ impl Gateway {
             None => None,
         };
         let public = TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
-        let admin = TcpListener::bind(admin_listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: admin_listen, source })?;
+        let admin = match TcpListener::bind(admin_listen).await {
+            Ok(l) => Some(l),
+            Err(source) if config.admin.explicit => return Err(StartError::Bind { addr: admin_listen, source }),
+            Err(e) => {
+                tracing::warn!(addr = %admin_listen, error = %e, "no admin listener: the default admin address is taken (set [admin] listen)");
+                None
+            }
+        };
         let addr = public.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
-        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind { addr: admin_listen, source })?;
+        let admin_addr = match &admin {
+            Some(a) => a.local_addr().map_err(|source| StartError::Bind { addr: admin_listen, source })?,
+            None => admin_listen,
+        };
         let app = App::new(config).await?;
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(crate::listener::serve_public(public, app.clone(), tls.clone(), rx.clone())));
-        tasks.push(tokio::spawn(crate::admin::serve(admin, app.clone(), admin_tls, rx.clone())));
+        if let Some(admin) = admin {
+            tasks.push(tokio::spawn(crate::admin::serve(admin, app.clone(), admin_tls, rx.clone())));
+        }
         tasks.push(tokio::spawn(crate::reload::watch(app.clone(), tls, rx)));
         tracing::info!(%addr, %admin_addr, "portcullis listening");
         Ok(Gateway { app, addr, admin_addr, shutdown, tasks })

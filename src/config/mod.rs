@@ -102,6 +102,10 @@ pub struct Admin {
     pub token: Option<String>,
     /// Optional TLS.
     pub tls: Option<TlsFiles>,
+    /// Whether `[admin] listen` was written in the file. An explicit address
+    /// that cannot be bound stops the gateway; the default one only warns,
+    /// so several gateways without `[admin]` can run on one host.
+    pub explicit: bool,
 }
 
 /// `[store]`.
@@ -493,7 +497,7 @@ impl Validator<'_> {
             None => SocketAddr::from(([127, 0, 0, 1], 9901)),
         };
         let token = a.token.map(Spanned::into_inner).filter(|t| !t.is_empty());
-        let admin = Admin { listen: admin_listen, token, tls: self.tls(a.tls, &base) };
+        let admin = Admin { listen: admin_listen, token, tls: self.tls(a.tls, &base), explicit: a.listen.is_some() };
         // [store]
         let st = f.store.unwrap_or(StoreFile { url: None, timeout: None });
         let url = match st.url {
