@@ -60,7 +60,7 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
         #[command(subcommand)]
-        action: KeysCommand,
+        action: Box<KeysCommand>,
     },
     /// Start a gateway on an embedded store with example SMS and conversations
     /// services, create demo keys, and print curl commands to try.
@@ -202,7 +202,7 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Keys { config, action } => keys(config.path(), action).await,
+        Command::Keys { config, action } => keys(config.path(), *action).await,
         Command::Demo { port } => crate::demo::run(port).await,
         Command::ExampleUpstream { listen, name } => match tokio::net::TcpListener::bind(listen).await {
             Ok(l) => {

@@ -33,11 +33,10 @@ fn check_framing(h: &HeaderMap, version: Version) -> Result<(), GatewayError> {
     if te && first_cl.is_some() {
         return Err(GatewayError::BadRequest("Content-Length together with Transfer-Encoding"));
     }
-    if let Some(v) = first_cl {
-        if v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit) {
+    if let Some(v) = first_cl
+        && (v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit)) {
             return Err(GatewayError::BadRequest("malformed Content-Length"));
         }
-    }
     if version == Version::HTTP_11 {
         let mut hosts = h.get_all(header::HOST).iter();
         match (hosts.next(), hosts.next()) {

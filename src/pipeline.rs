@@ -83,11 +83,10 @@ async fn inner(
         rate_limit(ctx, &route, cfg, app).await?;
     }
 
-    if let Some(len) = content_length(req.headers()) {
-        if len > route.max_body_bytes {
+    if let Some(len) = content_length(req.headers())
+        && len > route.max_body_bytes {
             return Err(GatewayError::PayloadTooLarge);
         }
-    }
     let pool = snap
         .pools
         .get(&route.upstream)
@@ -272,11 +271,10 @@ fn forwarded_for(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> HeaderValue {
     let peer = conn.peer.ip();
     if trusted(peer, cfg) {
         let prior: Vec<&str> = h.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
-        if !prior.is_empty() {
-            if let Ok(v) = HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))) {
+        if !prior.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))) {
                 return v;
             }
-        }
     }
     HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
 }

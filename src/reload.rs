@@ -85,11 +85,10 @@ pub fn reload_once(app: &App, tls: &Option<TlsReloader>, path: &Path) -> bool {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
     };
-    if let (Some(t), Some(files)) = (tls, &config.server.tls) {
-        if let Err(e) = t.reload(files) {
+    if let (Some(t), Some(files)) = (tls, &config.server.tls)
+        && let Err(e) = t.reload(files) {
             return fail(&e);
         }
-    }
     let restart = app.apply(config);
     m.reloads.get_or_create(&ResultLabel { result: "ok" }).inc();
     m.last_reload_ok.set(1);

@@ -113,12 +113,11 @@ pub fn parse_expiry(at: Option<&str>, within: Option<&str>) -> Result<Option<Tim
         }
         (None, None) => None,
     };
-    if let Some(t) = t {
-        if t <= Timestamp::now() {
+    if let Some(t) = t
+        && t <= Timestamp::now() {
             let field = if at.is_some() { "expires_at" } else { "expires_in" };
             return Err(invalid(field, "the expiry must be in the future"));
         }
-    }
     Ok(t)
 }
 
@@ -153,11 +152,10 @@ pub fn build_record(cfg: &Config, n: NewKey) -> Result<KeyRecord, OpsError> {
         .rule(&kind, environment)
         .ok_or_else(|| invalid("kind", format!("{kind:?} is not a key kind in [key_kinds]")))?;
     check_permissions(&n.permissions)?;
-    if let Some(p) = &n.plan {
-        if !cfg.plans.contains_key(p) {
+    if let Some(p) = &n.plan
+        && !cfg.plans.contains_key(p) {
             return Err(invalid("plan", format!("{p:?} is not a plan in [plans]")));
         }
-    }
     let expires_at = parse_expiry(n.expires_at.as_deref(), n.expires_in.as_deref())?;
     let allowed_ips = parse_ips(&n.allowed_ips)?;
     check_origins(&n.allowed_origins)?;
@@ -264,11 +262,10 @@ pub fn apply_patch(cfg: &Config, rec: &mut KeyRecord, p: KeyPatch) -> Result<(),
         rec.permissions = perms;
     }
     if let Some(plan) = p.plan {
-        if let Some(pl) = &plan {
-            if !cfg.plans.contains_key(pl) {
+        if let Some(pl) = &plan
+            && !cfg.plans.contains_key(pl) {
                 return Err(invalid("plan", format!("{pl:?} is not a plan in [plans]")));
             }
-        }
         rec.plan = plan;
     }
     if let Some(s) = p.status {

@@ -93,7 +93,7 @@ pub fn authorize(key: &KeyRecord, input: &AuthInput<'_>, presented_kind: &str) -
         return Err(GatewayError::KeyExpired);
     }
     let route = input.route;
-    if key.kind != presented_kind || !route.key_kinds.iter().any(|k| *k == key.kind) {
+    if key.kind != presented_kind || !route.key_kinds.contains(&key.kind) {
         return Err(GatewayError::KeyKindNotAllowed);
     }
     if !key.allowed_routes.is_empty() && !key.allowed_routes.iter().any(|r| **r == *route.name) {

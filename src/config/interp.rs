@@ -49,11 +49,10 @@ pub fn interpolate(src: &str, lookup: impl Fn(&str) -> Option<String>) -> Result
                     st = St::Literal;
                 }
             }
-            St::Comment => {
-                if c == b'\n' {
+            St::Comment
+                if c == b'\n' => {
                     st = St::Code;
                 }
-            }
             St::Basic | St::MultiBasic if c == b'\\' => {
                 i += 2;
                 continue;

@@ -545,11 +545,10 @@ impl Validator<'_> {
                 RateLimitMode::Local
             }
         };
-        if mode != RateLimitMode::Local && !store.url.starts_with("redis") {
-            if let Some(m) = &r.mode {
+        if mode != RateLimitMode::Local && !store.url.starts_with("redis")
+            && let Some(m) = &r.mode {
                 self.err(m, "rate_limit.mode redis and hybrid need a redis:// or redis+cluster:// store.url");
             }
-        }
         let on_store_error = match r.on_store_error.as_ref().map(|m| (m, m.get_ref().as_str())) {
             None | Some((_, "local")) => OnStoreError::Local,
             Some((_, "deny")) => OnStoreError::Deny,

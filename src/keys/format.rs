@@ -50,7 +50,7 @@ pub struct ParsedKey<'a> {
 impl KeyFormat {
     /// Builds the format from prefix rules (validated by `config`).
     pub fn new(mut rules: Vec<PrefixRule>) -> Self {
-        rules.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         KeyFormat { rules }
     }
 
