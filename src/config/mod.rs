@@ -146,7 +146,7 @@ pub enum RateLimitMode {
 pub enum OnStoreError {
     /// Fall back to in-process counters.
     Local,
-    /// Refuse (503).
+    /// Refuse with 429 and `Retry-After: 1`.
     Deny,
     /// Admit without counting.
     Allow,

@@ -19,18 +19,23 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 /// Checks every limit passed and, only if all admit, counts one request in
-/// each. KEYS: the state hashes. ARGV: `requests, per_ms` per key.
+/// each. KEYS: the state hashes. ARGV per key: `requests, per_ms,
+/// delta_window, delta_curr, delta_prev`: the caller's admits not yet in
+/// Redis (hybrid mode; zeros otherwise), added first whatever the outcome.
 /// Returns `{now_ms, admitted (0|1), then w, c, p per key}`: the state after
-/// counting when admitted, else as read (rolled to now).
+/// counting when admitted, else as read (rolled to now, deltas added).
 const CHECK_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = #KEYS
-local ws, cs, ps, pers = {}, {}, {}, {}
+local ws, cs, ps, pers, chg = {}, {}, {}, {}, {}
 local ok = 1
 for i = 1, n do
-  local req = tonumber(ARGV[2 * i - 1])
-  local per = tonumber(ARGV[2 * i])
+  local req = tonumber(ARGV[5 * i - 4])
+  local per = tonumber(ARGV[5 * i - 3])
+  local dw = tonumber(ARGV[5 * i - 2])
+  local dc = tonumber(ARGV[5 * i - 1])
+  local dp = tonumber(ARGV[5 * i])
   local w = math.floor(now / per)
   local h = redis.call('HMGET', KEYS[i], 'w', 'c', 'p')
   local sw = tonumber(h[1])
@@ -45,14 +50,22 @@ for i = 1, n do
   else
     c, p = 0, 0
   end
+  chg[i] = false
+  if dw >= w then
+    c, p = c + dc, p + dp
+    chg[i] = dc > 0 or dp > 0
+  elseif dw == w - 1 then
+    p = p + dc
+    chg[i] = dc > 0
+  end
   local e = now - w * per
   if e < 0 then e = 0 end
   if p * (per - e) + (c + 1) * per > req * per then ok = 0 end
   ws[i], cs[i], ps[i], pers[i] = w, c, p, per
 end
-if ok == 1 then
-  for i = 1, n do
-    cs[i] = cs[i] + 1
+for i = 1, n do
+  if ok == 1 then cs[i] = cs[i] + 1 end
+  if ok == 1 or chg[i] then
     redis.call('HSET', KEYS[i], 'w', string.format('%d', ws[i]), 'c', string.format('%d', cs[i]),
       'p', string.format('%d', ps[i]))
     redis.call('PEXPIRE', KEYS[i], string.format('%d', 2 * pers[i]))
@@ -149,7 +162,9 @@ pub struct Backend {
 
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Backend").field("cluster", &self.is_cluster()).finish()
+        f.debug_struct("Backend")
+            .field("cluster", &self.is_cluster())
+            .finish()
     }
 }
 
@@ -166,7 +181,11 @@ pub fn cluster_nodes(url: &str) -> Result<Vec<String>, UrlError> {
         .strip_prefix("redis+cluster://")
         .ok_or_else(|| UrlError("a cluster URL starts with redis+cluster://".into()))?;
     let rest = rest.trim_end_matches('/');
-    let parts: Vec<&str> = rest.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    let parts: Vec<&str> = rest
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
     if parts.is_empty() {
         return Err(UrlError("redis+cluster:// names no node".into()));
     }
@@ -200,8 +219,12 @@ impl Backend {
                 .set_connection_timeout(connect_timeout)
                 .set_response_timeout(timeout);
             Conn::Cluster(client.get_pending_async_connection_with_config(cfg))
-        } else if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
-            let client = redis::Client::open(url).map_err(|e| UrlError(format!("Redis URL: {e}")))?;
+        } else if url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://")
+        {
+            let client =
+                redis::Client::open(url).map_err(|e| UrlError(format!("Redis URL: {e}")))?;
             let cfg = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(connect_timeout))
                 .set_response_timeout(Some(timeout))
@@ -212,9 +235,15 @@ impl Backend {
                 .map_err(|e| UrlError(format!("Redis URL: {e}")))?;
             Conn::Single(cm)
         } else {
-            return Err(UrlError("the rate limiter needs a redis://, rediss:// or redis+cluster:// URL".into()));
+            return Err(UrlError(
+                "the rate limiter needs a redis://, rediss:// or redis+cluster:// URL".into(),
+            ));
         };
-        Ok(Backend { conn, check: Script::new(CHECK_LUA), apply: Script::new(APPLY_LUA) })
+        Ok(Backend {
+            conn,
+            check: Script::new(CHECK_LUA),
+            apply: Script::new(APPLY_LUA),
+        })
     }
 
     /// Whether this is a Redis Cluster (limits in two slots need two calls).
@@ -240,12 +269,23 @@ impl Backend {
     }
 
     /// Runs the check-and-count script on `keys` (one cluster slot) for
-    /// limits `ids`.
-    pub async fn check(&self, keys: &[String], ids: &[LimitId]) -> Result<Checked, StoreError> {
+    /// limits `ids`, first adding `deltas` (local admits not yet in Redis,
+    /// one per key, or none at all).
+    pub async fn check(
+        &self,
+        keys: &[String],
+        ids: &[LimitId],
+        deltas: &[WindowState],
+    ) -> Result<Checked, StoreError> {
         let mut inv = self.check.prepare_invoke();
-        for (k, id) in keys.iter().zip(ids) {
+        for (i, (k, id)) in keys.iter().zip(ids).enumerate() {
+            let d = Delta::push(id.per_ms, deltas.get(i).copied().unwrap_or_default());
             inv.key(k.as_str());
-            inv.arg(id.requests).arg(id.per_ms);
+            inv.arg(id.requests)
+                .arg(id.per_ms)
+                .arg(d.window)
+                .arg(d.curr)
+                .arg(d.prev);
         }
         let out = self.invoke(&inv).await?;
         if out.len() != 2 + 3 * keys.len() {
@@ -256,7 +296,11 @@ impl Backend {
             0 => false,
             _ => return Err(StoreError::Reply("check: admitted is not 0 or 1")),
         };
-        Ok(Checked { now_ms: nonneg(out[0])?, admitted, states: states(&out[2..])? })
+        Ok(Checked {
+            now_ms: nonneg(out[0])?,
+            admitted,
+            states: states(&out[2..])?,
+        })
     }
 
     /// Runs the apply-deltas script on `keys` (one cluster slot).
@@ -270,7 +314,10 @@ impl Backend {
         if out.len() != 1 + 3 * keys.len() {
             return Err(StoreError::Reply("apply: wrong length"));
         }
-        Ok(Applied { now_ms: nonneg(out[0])?, states: states(&out[1..])? })
+        Ok(Applied {
+            now_ms: nonneg(out[0])?,
+            states: states(&out[1..])?,
+        })
     }
 }
 
@@ -280,7 +327,13 @@ fn nonneg(v: i64) -> Result<u64, StoreError> {
 
 fn states(flat: &[i64]) -> Result<Vec<WindowState>, StoreError> {
     flat.chunks_exact(3)
-        .map(|c| Ok(WindowState { window: nonneg(c[0])?, curr: nonneg(c[1])?, prev: nonneg(c[2])? }))
+        .map(|c| {
+            Ok(WindowState {
+                window: nonneg(c[0])?,
+                curr: nonneg(c[1])?,
+                prev: nonneg(c[2])?,
+            })
+        })
         .collect()
 }
 
@@ -321,7 +374,12 @@ impl Delta {
     /// The push of local admits `s` for a limit of `per_ms`.
     pub fn push(per_ms: u64, s: WindowState) -> Self {
         let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        Delta { per_ms, window: s.window, curr: i(s.curr), prev: i(s.prev) }
+        Delta {
+            per_ms,
+            window: s.window,
+            curr: i(s.curr),
+            prev: i(s.prev),
+        }
     }
 }
 
@@ -331,14 +389,27 @@ pub fn state_key(k: &dyn KeyView) -> String {
     let mut s = String::with_capacity(32 + k.a().len() + k.b().len());
     let _ = match id.scope {
         Scope::Key => write!(s, "pc:rl:{{{}}}:key:{}:{}", k.a(), id.requests, id.per_ms),
-        Scope::Route => write!(s, "pc:rl:{{{}}}:route:{}:{}:{}", k.a(), id.requests, id.per_ms, k.b()),
-        Scope::Workspace => write!(s, "pc:rl:{{ws:{}}}:workspace:{}:{}", k.a(), id.requests, id.per_ms),
+        Scope::Route => write!(
+            s,
+            "pc:rl:{{{}}}:route:{}:{}:{}",
+            k.a(),
+            id.requests,
+            id.per_ms,
+            k.b()
+        ),
+        Scope::Workspace => write!(
+            s,
+            "pc:rl:{{ws:{}}}:workspace:{}:{}",
+            k.a(),
+            id.requests,
+            id.per_ms
+        ),
     };
     s
 }
 
 /// Which cluster slot group `k` is in: `(true, workspace)` or `(false, key id)`.
-pub fn slot_group<'k>(k: &'k dyn KeyView) -> (bool, &'k str) {
+pub fn slot_group(k: &dyn KeyView) -> (bool, &str) {
     (k.id().scope == Scope::Workspace, k.a())
 }
 
@@ -349,8 +420,15 @@ mod tests {
 
     #[test]
     fn key_names_and_hash_tags() {
-        let id = |scope| LimitId { scope, requests: 60, per_ms: 60_000 };
-        assert_eq!(state_key(&KeyRef::new(id(Scope::Key), "key_1", "acme", "sms")), "pc:rl:{key_1}:key:60:60000");
+        let id = |scope| LimitId {
+            scope,
+            requests: 60,
+            per_ms: 60_000,
+        };
+        assert_eq!(
+            state_key(&KeyRef::new(id(Scope::Key), "key_1", "acme", "sms")),
+            "pc:rl:{key_1}:key:60:60000"
+        );
         assert_eq!(
             state_key(&KeyRef::new(id(Scope::Route), "key_1", "acme", "sms.send")),
             "pc:rl:{key_1}:route:60:60000:sms.send"
@@ -365,9 +443,15 @@ mod tests {
     fn cluster_urls() {
         assert_eq!(
             cluster_nodes("redis+cluster://:pw@h1:7000,h2:7001").ok(),
-            Some(vec!["redis://:pw@h1:7000".to_string(), "redis://:pw@h2:7001".to_string()])
+            Some(vec![
+                "redis://:pw@h1:7000".to_string(),
+                "redis://:pw@h2:7001".to_string()
+            ])
         );
-        assert_eq!(cluster_nodes("redis+cluster://h1:7000").ok(), Some(vec!["redis://h1:7000".to_string()]));
+        assert_eq!(
+            cluster_nodes("redis+cluster://h1:7000").ok(),
+            Some(vec!["redis://h1:7000".to_string()])
+        );
         assert!(cluster_nodes("redis+cluster://").is_err());
     }
 }

@@ -35,7 +35,11 @@ impl LimitId {
     /// The identity of a configured limit.
     pub fn of(l: &Limit) -> Self {
         let per_ms = u64::try_from(l.per.as_millis()).unwrap_or(u64::MAX).max(1);
-        LimitId { scope: l.scope, requests: l.requests, per_ms }
+        LimitId {
+            scope: l.scope,
+            requests: l.requests,
+            per_ms,
+        }
     }
 }
 
@@ -133,8 +137,12 @@ impl<'r> KeyRef<'r> {
     }
 
     /// An owned copy.
-    pub fn to_owned_key(&self) -> EntryKey {
-        EntryKey { id: self.id, a: Arc::from(self.a), b: Arc::from(self.b) }
+    pub fn to_owned_key(self) -> EntryKey {
+        EntryKey {
+            id: self.id,
+            a: Arc::from(self.a),
+            b: Arc::from(self.b),
+        }
     }
 }
 
@@ -164,12 +172,14 @@ pub struct Entry {
     /// Refusal memo: until when (local clock, ms) this (limit, subject)
     /// refuses without asking Redis; 0 for none.
     pub refused_until: u64,
+    /// Hybrid: whether the key is in its shard's `dirty` list.
+    pub queued: bool,
 }
 
 impl Entry {
     /// Hybrid: what this instance believes the global counters are.
     pub fn view(&self) -> WindowState {
-        self.global.add(self.inflight).add(self.pending)
+        self.global.plus(self.inflight).plus(self.pending)
     }
 
     /// Whether the entry can be dropped: nothing it counts affects an
@@ -220,7 +230,8 @@ impl Shard {
             return;
         }
         self.next_sweep_ms = mono_ms.saturating_add(SWEEP_EVERY_MS);
-        self.map.retain(|k, e| !e.idle(k.id.per_ms, now_ms, mono_ms));
+        self.map
+            .retain(|k, e| !e.idle(k.id.per_ms, now_ms, mono_ms));
     }
 }
 
@@ -233,20 +244,23 @@ pub struct Table {
 
 impl Default for Table {
     fn default() -> Self {
-        Table { shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(), hasher: RandomState::new() }
+        Table {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: RandomState::new(),
+        }
     }
 }
 
 impl Table {
     /// The shard `k` lives in.
     pub fn shard_of(&self, k: &dyn KeyView) -> usize {
-        let mut h = self.hasher.build_hasher();
-        k.hash(&mut h);
-        (h.finish() % SHARDS as u64) as usize
+        (self.hasher.hash_one(k) % SHARDS as u64) as usize
     }
 
     fn lock_one(&self, i: usize) -> MutexGuard<'_, Shard> {
-        self.shards[i].lock().unwrap_or_else(PoisonError::into_inner)
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Locks the shards whose bits are set in `mask`, in ascending order.
@@ -258,18 +272,16 @@ impl Table {
             guards[i] = Some(self.lock_one(i));
             m &= m - 1;
         }
-        Locked { table: self, guards, mask }
+        Locked {
+            table: self,
+            guards,
+            mask,
+        }
     }
 
     /// Locks one shard.
     pub fn lock_shard(&self, i: usize) -> MutexGuard<'_, Shard> {
         self.lock_one(i % SHARDS)
-    }
-
-    /// Number of entries (for tests).
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        (0..SHARDS).map(|i| self.lock_one(i).map.len()).sum()
     }
 }
 
@@ -308,7 +320,11 @@ mod tests {
     use std::time::Duration;
 
     fn id(scope: Scope, requests: u64, secs: u64) -> LimitId {
-        LimitId::of(&Limit { scope, requests, per: Duration::from_secs(secs) })
+        LimitId::of(&Limit {
+            scope,
+            requests,
+            per: Duration::from_secs(secs),
+        })
     }
 
     #[test]
@@ -343,8 +359,20 @@ mod tests {
         let k1 = KeyRef::new(id(Scope::Key, 5, 1), "old", "ws", "");
         let k2 = KeyRef::new(id(Scope::Key, 5, 1), "new", "ws", "");
         let now = 1_000_000;
-        s.update(&k1, |e| e.local = WindowState { window: 990, curr: 3, prev: 0 });
-        s.update(&k2, |e| e.local = WindowState { window: 999, curr: 3, prev: 0 });
+        s.update(&k1, |e| {
+            e.local = WindowState {
+                window: 990,
+                curr: 3,
+                prev: 0,
+            }
+        });
+        s.update(&k2, |e| {
+            e.local = WindowState {
+                window: 999,
+                curr: 3,
+                prev: 0,
+            }
+        });
         s.maybe_sweep(now, 5);
         assert!(s.get(&k1).is_none());
         assert!(s.get(&k2).is_some());

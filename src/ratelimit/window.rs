@@ -41,9 +41,17 @@ impl WindowState {
         if w <= self.window {
             self
         } else if w == self.window + 1 {
-            WindowState { window: w, curr: 0, prev: self.curr }
+            WindowState {
+                window: w,
+                curr: 0,
+                prev: self.curr,
+            }
         } else {
-            WindowState { window: w, curr: 0, prev: 0 }
+            WindowState {
+                window: w,
+                curr: 0,
+                prev: 0,
+            }
         }
     }
 
@@ -54,7 +62,10 @@ impl WindowState {
 
     /// `self` plus one request in its current window.
     pub fn plus_one(self) -> Self {
-        WindowState { curr: self.curr.saturating_add(1), ..self }
+        WindowState {
+            curr: self.curr.saturating_add(1),
+            ..self
+        }
     }
 
     fn aligned(self, other: Self) -> (Self, Self) {
@@ -63,15 +74,23 @@ impl WindowState {
     }
 
     /// Counts of both added, after rolling both to the later window.
-    pub fn add(self, other: Self) -> Self {
+    pub fn plus(self, other: Self) -> Self {
         let (a, b) = self.aligned(other);
-        WindowState { window: a.window, curr: a.curr.saturating_add(b.curr), prev: a.prev.saturating_add(b.prev) }
+        WindowState {
+            window: a.window,
+            curr: a.curr.saturating_add(b.curr),
+            prev: a.prev.saturating_add(b.prev),
+        }
     }
 
     /// `other`'s counts taken away (saturating), after rolling both to the later window.
-    pub fn sub(self, other: Self) -> Self {
+    pub fn minus(self, other: Self) -> Self {
         let (a, b) = self.aligned(other);
-        WindowState { window: a.window, curr: a.curr.saturating_sub(b.curr), prev: a.prev.saturating_sub(b.prev) }
+        WindowState {
+            window: a.window,
+            curr: a.curr.saturating_sub(b.curr),
+            prev: a.prev.saturating_sub(b.prev),
+        }
     }
 
     /// The larger of each count, after rolling both to the later window.
@@ -79,7 +98,11 @@ impl WindowState {
     /// two reads that may have arrived out of order.
     pub fn max_merge(self, other: Self) -> Self {
         let (a, b) = self.aligned(other);
-        WindowState { window: a.window, curr: a.curr.max(b.curr), prev: a.prev.max(b.prev) }
+        WindowState {
+            window: a.window,
+            curr: a.curr.max(b.curr),
+            prev: a.prev.max(b.prev),
+        }
     }
 }
 
@@ -130,7 +153,12 @@ pub fn evaluate(state: WindowState, requests: u64, per_ms: u64, now_ms: u64) -> 
     let admits = est + per <= cap;
     let remaining = (cap.saturating_sub(est) / per) as u64;
     let reset_ms = reset_ms(s, requests, remaining, per_ms, now_ms);
-    Eval { admits, remaining, reset_ms, scaled_next: est + per }
+    Eval {
+        admits,
+        remaining,
+        reset_ms,
+        scaled_next: est + per,
+    }
 }
 
 /// Whether admitting one more request would put the estimate past
@@ -260,7 +288,10 @@ mod tests {
         // Remaining 8 when the estimate ≤ 2: next window, 3 × (1 − f) ≤ 2.
         assert_eq!(ev.reset_ms, 900 + 334);
         assert_eq!(evaluate(s, 10, SEC, T0 + 100 + ev.reset_ms).remaining, 8);
-        assert_eq!(evaluate(s, 10, SEC, T0 + 100 + ev.reset_ms - 1).remaining, 7);
+        assert_eq!(
+            evaluate(s, 10, SEC, T0 + 100 + ev.reset_ms - 1).remaining,
+            7
+        );
         // Nothing counted: until the window ends.
         let ev = evaluate(WindowState::default(), 10, SEC, T0 + 100);
         assert_eq!((ev.remaining, ev.reset_ms), (10, 900));
@@ -309,10 +340,10 @@ mod tests {
     fn merging_states_rolls_them_to_the_later_window() {
         let a = st(10, 3, 1);
         let b = st(11, 2, 0);
-        assert_eq!(a.add(b), st(11, 2, 3));
+        assert_eq!(a.plus(b), st(11, 2, 3));
         assert_eq!(a.max_merge(b), st(11, 2, 3));
-        assert_eq!(b.sub(a), st(11, 2, 0));
-        assert_eq!(st(11, 5, 4).sub(st(11, 2, 9)), st(11, 3, 0));
+        assert_eq!(b.minus(a), st(11, 2, 0));
+        assert_eq!(st(11, 5, 4).minus(st(11, 2, 9)), st(11, 3, 0));
         assert!(WindowState::default().is_empty());
     }
 
@@ -320,7 +351,10 @@ mod tests {
     fn threshold_fraction() {
         let s = st(T0 / SEC, 7, 0);
         let ev = evaluate(s, 10, SEC, T0);
-        assert!(!above_fraction(&ev, 10, SEC, 0.8), "7 + 1 = 8 is not past 8");
+        assert!(
+            !above_fraction(&ev, 10, SEC, 0.8),
+            "7 + 1 = 8 is not past 8"
+        );
         let ev = evaluate(s.plus_one(), 10, SEC, T0);
         assert!(above_fraction(&ev, 10, SEC, 0.8));
     }
