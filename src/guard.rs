@@ -10,7 +10,7 @@ use http::{HeaderMap, Method, Request, Version, header};
 /// (`.`/`..` resolved, `//` merged; the query is not part of it).
 pub fn check<B>(req: &Request<B>, framing_conflict: bool) -> Result<String, GatewayError> {
     if framing_conflict {
-        return Err(GatewayError::BadRequest("Content-Length together with Transfer-Encoding"));
+        return Err(GatewayError::BadRequest("ambiguous framing: Content-Length with Transfer-Encoding, or twice"));
     }
     check_framing(req.headers(), req.version())?;
     let uri = req.uri();

@@ -172,16 +172,17 @@ where
 }
 
 /// Watches the bytes of an HTTP/1 connection for a request head carrying both
-/// `Content-Length` and `Transfer-Encoding`. hyper resolves that conflict
-/// silently (it drops `Content-Length`), but a gateway must refuse it: a
-/// server behind another proxy could frame the same bytes differently.
+/// `Content-Length` and `Transfer-Encoding`, or `Content-Length` twice. hyper
+/// resolves those silently (it drops or merges `Content-Length`), but a
+/// gateway must refuse them: a server behind another proxy could frame the
+/// same bytes differently.
 pub struct FramingSniffer<T> {
     inner: T,
     /// Set once a conflicting head was seen on this connection.
     pub flag: Arc<AtomicBool>,
     line: [u8; 20],
     line_len: usize,
-    saw_cl: bool,
+    saw_cl: u8,
     saw_te: bool,
     started: bool,
     done: bool,
@@ -195,7 +196,7 @@ impl<T> FramingSniffer<T> {
             flag: Arc::new(AtomicBool::new(false)),
             line: [0; 20],
             line_len: 0,
-            saw_cl: false,
+            saw_cl: 0,
             saw_te: false,
             started: false,
             done: false,
@@ -216,14 +217,14 @@ impl<T> FramingSniffer<T> {
                 let line = &self.line[..self.line_len];
                 let blank = line.is_empty() || line == b"\r";
                 if blank {
-                    self.saw_cl = false;
+                    self.saw_cl = 0;
                     self.saw_te = false;
                 } else if line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:") {
-                    self.saw_cl = true;
+                    self.saw_cl = self.saw_cl.saturating_add(1);
                 } else if line.len() >= 18 && line[..18].eq_ignore_ascii_case(b"transfer-encoding:") {
                     self.saw_te = true;
                 }
-                if self.saw_cl && self.saw_te {
+                if (self.saw_cl > 0 && self.saw_te) || self.saw_cl > 1 {
                     self.flag.store(true, Ordering::Relaxed);
                     self.done = true;
                     return;
@@ -280,6 +281,13 @@ mod tests {
         let mut s = FramingSniffer::new(());
         s.scan(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Len");
         s.scan(b"gth: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+        assert!(s.flag.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn sniffer_flags_two_content_lengths() {
+        let mut s = FramingSniffer::new(());
+        s.scan(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello");
         assert!(s.flag.load(Ordering::Relaxed));
     }
 

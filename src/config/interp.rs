@@ -12,8 +12,43 @@ pub struct Unresolved {
     pub message: String,
 }
 
+/// Where a substitution sits in the source and in the result, so that an
+/// error found in the result can be reported where the user wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Substitution {
+    /// Byte range of `${NAME}` in the source.
+    pub source: (usize, usize),
+    /// Byte range of the value in the result.
+    pub result: (usize, usize),
+}
+
+/// Maps a byte offset in the interpolated text back to the source text: an
+/// offset inside a substituted value maps to its `${`.
+pub fn source_offset(subs: &[Substitution], offset: usize) -> usize {
+    let mut delta: isize = 0;
+    for s in subs {
+        if offset < s.result.0 {
+            break;
+        }
+        if offset < s.result.1 {
+            return s.source.0;
+        }
+        delta = (s.source.1 as isize) - (s.result.1 as isize);
+    }
+    (offset as isize + delta).max(0) as usize
+}
+
 /// Replaces every `${NAME}` inside string values using `lookup`.
 pub fn interpolate(src: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, Vec<Unresolved>> {
+    interpolate_mapped(src, lookup).map(|(s, _)| s)
+}
+
+/// [`interpolate`], also returning where each substitution went.
+pub fn interpolate_mapped(
+    src: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<(String, Vec<Substitution>), Vec<Unresolved>> {
+    let mut subs = Vec::new();
     #[derive(PartialEq, Clone, Copy)]
     enum St {
         Code,
@@ -87,6 +122,7 @@ pub fn interpolate(src: &str, lookup: impl Fn(&str) -> Option<String>) -> Result
                         }),
                         Some(v) => {
                             out.push_str(&src[copied..i]);
+                            let start = out.len();
                             let literal = matches!(st, St::Literal | St::MultiLiteral);
                             if literal && v.contains('\'') {
                                 errs.push(Unresolved {
@@ -98,6 +134,7 @@ pub fn interpolate(src: &str, lookup: impl Fn(&str) -> Option<String>) -> Result
                             } else {
                                 out.push_str(&v.replace('\\', "\\\\").replace('"', "\\\""));
                             }
+                            subs.push(Substitution { source: (i, i + 3 + close), result: (start, out.len()) });
                             copied = i + 3 + close;
                         }
                         None => errs.push(Unresolved {
@@ -114,7 +151,7 @@ pub fn interpolate(src: &str, lookup: impl Fn(&str) -> Option<String>) -> Result
         i += 1;
     }
     out.push_str(&src[copied..]);
-    if errs.is_empty() { Ok(out) } else { Err(errs) }
+    if errs.is_empty() { Ok((out, subs)) } else { Err(errs) }
 }
 
 #[cfg(test)]
@@ -135,6 +172,17 @@ mod tests {
         assert_eq!(out, "a = \"10.0.0.1:1\"\nb = \"s3cr\\\"et\"\n");
         let v: toml::Table = toml::from_str(&out).unwrap();
         assert_eq!(v["b"].as_str(), Some("s3cr\"et"));
+    }
+
+    #[test]
+    fn offsets_map_back_to_the_source() {
+        let src = "a = \"${HOST}\"  x\n";
+        let (out, subs) = interpolate_mapped(src, env).unwrap();
+        assert_eq!(out, "a = \"10.0.0.1\"  x\n");
+        let x_out = out.find('x').unwrap();
+        assert_eq!(source_offset(&subs, x_out), src.find('x').unwrap());
+        assert_eq!(source_offset(&subs, 6), 5, "inside the value: the ${{");
+        assert_eq!(source_offset(&subs, 1), 1, "before any substitution");
     }
 
     #[test]

@@ -330,9 +330,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and validates config text (`path` is used in messages and to resolve relative paths).
 pub fn parse(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-    let mut v = Validator { text, diags: Vec::new() };
-    let text = match interp::interpolate(text, env) {
-        Ok(t) => t,
+    let mut v = Validator { text, subs: Vec::new(), diags: Vec::new() };
+    let (interpolated, subs) = match interp::interpolate_mapped(text, env) {
+        Ok(x) => x,
         Err(errs) => {
             for e in errs {
                 v.err_at(e.offset, e.message);
@@ -340,7 +340,9 @@ pub fn parse(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> R
             return Err(v.finish(path));
         }
     };
-    let file: FileConfig = match toml::from_str(&text) {
+    // Positions found in the interpolated text are mapped back to the file as written.
+    v.subs = subs;
+    let file: FileConfig = match toml::from_str(&interpolated) {
         Ok(f) => f,
         Err(e) => {
             let at = e.span().map(|s| s.start).unwrap_or(0);
@@ -348,17 +350,18 @@ pub fn parse(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> R
             return Err(v.finish(path));
         }
     };
-    let v2 = Validator { text: &text, diags: Vec::new() };
-    let mut v = v2;
-    let cfg = v.config(path, file);
-    match cfg {
+    match v.config(path, file) {
         Some(c) if v.diags.is_empty() => Ok(c),
         _ => Err(v.finish(path)),
     }
 }
 
 struct Validator<'t> {
+    /// The file as written.
     text: &'t str,
+    /// Substitutions made by `${VAR}` interpolation.
+    subs: Vec<interp::Substitution>,
+    /// Offsets are in the interpolated text.
     diags: Vec<(usize, String)>,
 }
 
@@ -381,7 +384,8 @@ impl Validator<'_> {
             .diags
             .iter()
             .map(|(off, msg)| {
-                let before = &self.text[..(*off).min(self.text.len())];
+                let off = interp::source_offset(&self.subs, *off).min(self.text.len());
+                let before = self.text.get(..off).unwrap_or(self.text);
                 let line = before.matches('\n').count() + 1;
                 let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
                 Diagnostic { line, col, message: msg.clone() }

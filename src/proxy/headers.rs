@@ -3,15 +3,16 @@
 
 use http::{HeaderMap, HeaderName, header};
 
-/// Hop-by-hop headers that never cross the gateway.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Hop-by-hop headers that never cross the gateway (RFC 9110 §7.6.1, plus
+/// the proxy credentials meant for us). `Trailer` is end-to-end: hyper only
+/// sends the trailers it names, so it must pass.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 
