@@ -94,3 +94,32 @@ impl RequestCtx {
         }
     }
 }
+
+/// Header names the gateway reads or sets, built at compile time (a string
+/// name would be parsed and validated again on every request).
+pub mod names {
+    use http::HeaderName;
+
+    /// `X-Request-Id`.
+    pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    /// `X-API-Key`.
+    pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+    /// `X-Forwarded-For`.
+    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    /// `X-Forwarded-Proto`.
+    pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    /// `X-Forwarded-Host`.
+    pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+    /// `X-Key-Id`.
+    pub const X_KEY_ID: HeaderName = HeaderName::from_static("x-key-id");
+    /// `X-Workspace-Id`.
+    pub const X_WORKSPACE_ID: HeaderName = HeaderName::from_static("x-workspace-id");
+    /// `X-Key-Environment`.
+    pub const X_KEY_ENVIRONMENT: HeaderName = HeaderName::from_static("x-key-environment");
+    /// `X-RateLimit-Limit`.
+    pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+    /// `X-RateLimit-Remaining`.
+    pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+    /// `X-RateLimit-Reset`.
+    pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+}

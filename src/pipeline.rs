@@ -6,7 +6,7 @@
 
 use crate::auth::{self, AuthInput};
 use crate::config::{AuthMode, Config, Route};
-use crate::context::{ConnInfo, RateVerdict, RequestCtx, ResponseBody, full_body};
+use crate::context::{ConnInfo, RateVerdict, RequestCtx, ResponseBody, full_body, names};
 use crate::error::{ErrorSource, GatewayError};
 use crate::ratelimit::{Decision, LimitRequest};
 use crate::server::{App, Snapshot};
@@ -157,12 +157,12 @@ fn preflight(req: &Request<Incoming>, path: &str, cfg: &Config) -> Option<Respon
 fn finish(resp: &mut Response<ResponseBody>, ctx: &RequestCtx) {
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-        h.insert("x-request-id", v);
+        h.insert(names::X_REQUEST_ID, v);
     }
     if let Some(RateVerdict { limit, remaining, reset_secs }) = ctx.rate {
-        h.insert("x-ratelimit-limit", HeaderValue::from(limit));
-        h.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
-        h.insert("x-ratelimit-reset", HeaderValue::from(reset_secs));
+        h.insert(names::X_RATELIMIT_LIMIT, HeaderValue::from(limit));
+        h.insert(names::X_RATELIMIT_REMAINING, HeaderValue::from(remaining));
+        h.insert(names::X_RATELIMIT_RESET, HeaderValue::from(reset_secs));
     }
     if let (Some(origin), Some(id)) = (&ctx.cors_origin, &ctx.identity) {
         // Only after auth passed, which checked the origin against the key.
@@ -237,7 +237,7 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 
 /// A client-sent `X-Request-Id` when well-formed (1–128 of `[A-Za-z0-9._-]`).
 fn request_id(h: &HeaderMap) -> Option<String> {
-    let v = h.get("x-request-id")?.as_bytes();
+    let v = h.get(names::X_REQUEST_ID)?.as_bytes();
     let ok = !v.is_empty() && v.len() <= 128 && v.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
     ok.then(|| String::from_utf8_lossy(v).into_owned())
 }
@@ -253,7 +253,7 @@ pub fn client_ip(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> IpAddr {
     if !trusted(peer, cfg) {
         return peer;
     }
-    let hops = h.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).flat_map(|s| s.split(','));
+    let hops = h.get_all(names::X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).flat_map(|s| s.split(','));
     let hops: Vec<&str> = hops.collect();
     for hop in hops.iter().rev() {
         match hop.trim().parse::<IpAddr>() {
@@ -270,7 +270,7 @@ pub fn client_ip(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> IpAddr {
 fn forwarded_for(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> HeaderValue {
     let peer = conn.peer.ip();
     if trusted(peer, cfg) {
-        let prior: Vec<&str> = h.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+        let prior: Vec<&str> = h.get_all(names::X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
         if !prior.is_empty()
             && let Ok(v) = HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))) {
                 return v;

@@ -10,6 +10,7 @@ pub use cache::KeyCache;
 
 use crate::config::{Config, Route};
 use crate::context::Identity;
+use crate::context::names;
 use crate::error::GatewayError;
 use crate::keys::{KeyRecord, KeyStatus};
 use crate::time::Timestamp;
@@ -47,7 +48,7 @@ pub fn credential(h: &HeaderMap) -> Result<Option<&str>, GatewayError> {
             }
         }
     };
-    let mut keys = h.get_all("x-api-key").iter();
+    let mut keys = h.get_all(names::X_API_KEY).iter();
     let header_key = match (keys.next(), keys.next()) {
         (None, _) => None,
         (Some(_), Some(_)) => return Err(GatewayError::BadRequest("more than one X-API-Key header")),

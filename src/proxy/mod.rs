@@ -7,6 +7,7 @@ pub mod headers;
 
 use crate::config::{Route, Upstream};
 use crate::context::{ResponseBody, RequestCtx};
+use crate::context::names;
 use crate::error::GatewayError;
 use crate::keys::Environment;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
@@ -116,30 +117,30 @@ pub async fn forward(
     }
     if fwd.strip_credentials {
         h.remove(header::AUTHORIZATION);
-        h.remove("x-api-key");
+        h.remove(names::X_API_KEY);
     }
     h.remove(header::HOST);
-    h.insert("x-forwarded-for", fwd.xff);
-    h.insert("x-forwarded-proto", HeaderValue::from_static(if ctx.conn.tls { "https" } else { "http" }));
+    h.insert(names::X_FORWARDED_FOR, fwd.xff);
+    h.insert(names::X_FORWARDED_PROTO, HeaderValue::from_static(if ctx.conn.tls { "https" } else { "http" }));
     match original_host {
-        Some(v) => h.insert("x-forwarded-host", v),
-        None => h.remove("x-forwarded-host"),
+        Some(v) => h.insert(names::X_FORWARDED_HOST, v),
+        None => h.remove(names::X_FORWARDED_HOST),
     };
     if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-        h.insert("x-request-id", v);
+        h.insert(names::X_REQUEST_ID, v);
     }
     // Identity headers: always ours, never the client's.
-    h.remove("x-key-id");
-    h.remove("x-workspace-id");
-    h.remove("x-key-environment");
+    h.remove(names::X_KEY_ID);
+    h.remove(names::X_WORKSPACE_ID);
+    h.remove(names::X_KEY_ENVIRONMENT);
     if let Some(id) = &ctx.identity {
         if let Ok(v) = HeaderValue::from_str(&id.key.id) {
-            h.insert("x-key-id", v);
+            h.insert(names::X_KEY_ID, v);
         }
         if let Ok(v) = HeaderValue::from_str(&id.key.workspace) {
-            h.insert("x-workspace-id", v);
+            h.insert(names::X_WORKSPACE_ID, v);
         }
-        h.insert("x-key-environment", HeaderValue::from_static(id.key.environment.as_str()));
+        h.insert(names::X_KEY_ENVIRONMENT, HeaderValue::from_static(id.key.environment.as_str()));
     }
 
     let (mut head, body) = req.into_parts();
