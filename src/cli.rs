@@ -28,7 +28,9 @@ struct ConfigArg {
 
 impl ConfigArg {
     fn path(&self) -> PathBuf {
-        self.config.clone().unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+        self.config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
     }
 }
 
@@ -176,7 +178,10 @@ enum KeysCommand {
 /// Runs the command line; the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -193,7 +198,12 @@ async fn run(cli: Cli) -> ExitCode {
             let p = path.unwrap_or_else(|| config.path());
             match config::load(&p) {
                 Ok(c) => {
-                    println!("{}: OK ({} routes, {} upstreams)", p.display(), c.routes.len(), c.upstreams.len());
+                    println!(
+                        "{}: OK ({} routes, {} upstreams)",
+                        p.display(),
+                        c.routes.len(),
+                        c.upstreams.len()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -204,17 +214,19 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Keys { config, action } => keys(config.path(), *action).await,
         Command::Demo { port } => crate::demo::run(port).await,
-        Command::ExampleUpstream { listen, name } => match tokio::net::TcpListener::bind(listen).await {
-            Ok(l) => {
-                println!("example {name} service on http://{listen}");
-                crate::demo::example_upstream(l, name).await;
-                ExitCode::SUCCESS
+        Command::ExampleUpstream { listen, name } => {
+            match tokio::net::TcpListener::bind(listen).await {
+                Ok(l) => {
+                    println!("example {name} service on http://{listen}");
+                    crate::demo::example_upstream(l, name).await;
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: cannot listen on {listen}: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("error: cannot listen on {listen}: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
     }
 }
 
@@ -269,9 +281,12 @@ pub async fn wait_for_signal() {
 
 async fn open_store(path: &std::path::Path) -> Result<(Config, SharedStore), String> {
     let cfg = config::load(path).map_err(|e| e.to_string())?;
-    let store = crate::keys::open(&cfg.store.url, cfg.store.timeout.max(Duration::from_secs(2)))
-        .await
-        .map_err(|e| e.to_string())?;
+    let store = crate::keys::open(
+        &cfg.store.url,
+        cfg.store.timeout.max(Duration::from_secs(2)),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     Ok((cfg, store))
 }
 
@@ -299,8 +314,22 @@ fn print_record(rec: &KeyRecord, secret: Option<&str>, json: bool) {
     }
     println!("kind         {} ({})", rec.kind, rec.environment.as_str());
     println!("key          {}…{}", rec.prefix, rec.last4);
-    println!("status       {}", if rec.status == KeyStatus::Active { "active" } else { "disabled" });
-    println!("permissions  {}", if rec.permissions.is_empty() { "(none)".into() } else { rec.permissions.join(", ") });
+    println!(
+        "status       {}",
+        if rec.status == KeyStatus::Active {
+            "active"
+        } else {
+            "disabled"
+        }
+    );
+    println!(
+        "permissions  {}",
+        if rec.permissions.is_empty() {
+            "(none)".into()
+        } else {
+            rec.permissions.join(", ")
+        }
+    );
     if let Some(p) = &rec.plan {
         println!("plan         {p}");
     }
@@ -362,7 +391,10 @@ async fn keys(path: PathBuf, action: KeysCommand) -> ExitCode {
                 let mut all = Vec::new();
                 let mut cursor: Option<String> = None;
                 loop {
-                    let page = store.list(workspace.as_deref(), 500, cursor.as_deref()).await.map_err(|e| e.to_string())?;
+                    let page = store
+                        .list(workspace.as_deref(), 500, cursor.as_deref())
+                        .await
+                        .map_err(|e| e.to_string())?;
                     all.extend(page.data);
                     match page.next_cursor {
                         Some(c) => cursor = Some(c),
@@ -370,16 +402,27 @@ async fn keys(path: PathBuf, action: KeysCommand) -> ExitCode {
                     }
                 }
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "data": all })).unwrap_or_default());
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({ "data": all }))
+                            .unwrap_or_default()
+                    );
                 } else {
-                    println!("{:<26} {:<16} {:<10} {:<9} {:<18} PERMISSIONS", "ID", "WORKSPACE", "KIND", "STATUS", "KEY");
+                    println!(
+                        "{:<26} {:<16} {:<10} {:<9} {:<18} PERMISSIONS",
+                        "ID", "WORKSPACE", "KIND", "STATUS", "KEY"
+                    );
                     for r in &all {
                         println!(
                             "{:<26} {:<16} {:<10} {:<9} {:<18} {}",
                             r.id,
                             r.workspace,
                             r.kind,
-                            if r.status == KeyStatus::Active { "active" } else { "disabled" },
+                            if r.status == KeyStatus::Active {
+                                "active"
+                            } else {
+                                "disabled"
+                            },
                             format!("{}…{}", r.prefix, r.last4),
                             r.permissions.join(",")
                         );
@@ -387,21 +430,32 @@ async fn keys(path: PathBuf, action: KeysCommand) -> ExitCode {
                 }
             }
             KeysCommand::Show { id, json } => {
-                let rec = store.get(&id).await.map_err(|e| e.to_string())?.ok_or("no key with that id")?;
+                let rec = store
+                    .get(&id)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("no key with that id")?;
                 print_record(&rec, None, json);
             }
             KeysCommand::Disable { id, json } => {
-                let p = ops::KeyPatch { status: Some("disabled".into()), ..Default::default() };
+                let p = ops::KeyPatch {
+                    status: Some("disabled".into()),
+                    ..Default::default()
+                };
                 let rec = ops::patch(&store, &cfg, &id, p).await.map_err(ops_error)?;
                 print_record(&rec, None, json);
             }
             KeysCommand::Enable { id, json } => {
-                let p = ops::KeyPatch { status: Some("active".into()), ..Default::default() };
+                let p = ops::KeyPatch {
+                    status: Some("active".into()),
+                    ..Default::default()
+                };
                 let rec = ops::patch(&store, &cfg, &id, p).await.map_err(ops_error)?;
                 print_record(&rec, None, json);
             }
             KeysCommand::Rotate { id, grace, json } => {
-                let g = humantime::parse_duration(&grace).map_err(|_| format!("--grace: {grace:?} is not a duration such as 1h"))?;
+                let g = humantime::parse_duration(&grace)
+                    .map_err(|_| format!("--grace: {grace:?} is not a duration such as 1h"))?;
                 let (rec, secret) = ops::rotate(&store, &cfg, &id, g).await.map_err(ops_error)?;
                 print_record(&rec, Some(&secret), json);
             }

@@ -20,27 +20,49 @@ pub async fn example_upstream(listener: TcpListener, name: String) {
     let name: &'static str = Box::leak(name.into_boxed_str());
     static COUNTER: AtomicU64 = AtomicU64::new(1);
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| async move {
                 let (parts, body) = req.into_parts();
-                let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                let key = parts.headers.get("x-key-id").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
-                let ws = parts.headers.get("x-workspace-id").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let key = parts
+                    .headers
+                    .get("x-key-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_string();
+                let ws = parts
+                    .headers
+                    .get("x-workspace-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_string();
                 let n = COUNTER.fetch_add(1, Ordering::Relaxed);
                 let json = match (name, parts.uri.path()) {
                     ("sms", "/v1/sms/send") => {
-                        let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                        let req: serde_json::Value =
+                            serde_json::from_slice(&body).unwrap_or_default();
                         serde_json::json!({"id": format!("msg_{n:06}"), "status": "queued", "to": req.get("to"), "key_id": key, "workspace": ws})
                     }
                     ("conversations", _) => serde_json::json!({"data": [
                         {"id": "conv_001", "with": "+15551230001", "last_message": "See you at 5"},
                         {"id": "conv_002", "with": "+15551230002", "last_message": "Thanks!"}
                     ], "workspace": ws}),
-                    (_, p) => serde_json::json!({"service": name, "path": p, "method": parts.method.as_str(), "key_id": key, "workspace": ws}),
+                    (_, p) => {
+                        serde_json::json!({"service": name, "path": p, "method": parts.method.as_str(), "key_id": key, "workspace": ws})
+                    }
                 };
                 let mut resp = Response::new(Full::new(Bytes::from(json.to_string())));
-                resp.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("static"));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    "application/json".parse().expect("static"),
+                );
                 *resp.status_mut() = StatusCode::OK;
                 Ok::<_, Infallible>(resp)
             });
@@ -137,7 +159,9 @@ permissions = ["billing.read"]
     std::fs::write(&cfg_path, text).map_err(|e| e.to_string())?;
     let cfg = crate::config::load(&cfg_path).map_err(|e| e.to_string())?;
     crate::logging::init(crate::config::LogFormat::Human, "warn");
-    let gw = crate::server::Gateway::start(cfg).await.map_err(|e| e.to_string())?;
+    let gw = crate::server::Gateway::start(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
     let snap = gw.app.snapshot();
     let store = gw.app.keys.store().clone();
     let secret = ops::create(
@@ -146,7 +170,11 @@ permissions = ["billing.read"]
         NewKey {
             workspace: Some("demo".into()),
             name: Some("demo server key".into()),
-            permissions: vec!["sms.send".into(), "sms.read".into(), "conversations.read".into()],
+            permissions: vec![
+                "sms.send".into(),
+                "sms.read".into(),
+                "conversations.read".into(),
+            ],
             ..Default::default()
         },
     )
@@ -167,14 +195,25 @@ permissions = ["billing.read"]
     .map_err(|e| e.to_string())?;
     let base = format!("http://127.0.0.1:{}", gw.addr.port());
     let (sk, pk) = (secret.1, public.1);
-    println!("portcullis demo: gateway on {base} (admin on 127.0.0.1:{admin_port}), store {}", dir.join("demo.db").display());
+    println!(
+        "portcullis demo: gateway on {base} (admin on 127.0.0.1:{admin_port}), store {}",
+        dir.join("demo.db").display()
+    );
     println!("example services: sms on {sms_addr}, conversations on {conv_addr}");
     println!();
-    println!("demo secret key {} ({})  permissions sms.send, sms.read, conversations.read", secret.0.id, sk);
-    println!("demo public key {} ({})  permissions sms.read", public.0.id, pk);
+    println!(
+        "demo secret key {} ({})  permissions sms.send, sms.read, conversations.read",
+        secret.0.id, sk
+    );
+    println!(
+        "demo public key {} ({})  permissions sms.read",
+        public.0.id, pk
+    );
     println!();
     println!("# send an SMS (200):");
-    println!("curl -i -X POST {base}/v1/sms/send -H 'Authorization: Bearer {sk}' -H 'Content-Type: application/json' -d '{{\"to\":\"+15551234567\",\"text\":\"hello\"}}'");
+    println!(
+        "curl -i -X POST {base}/v1/sms/send -H 'Authorization: Bearer {sk}' -H 'Content-Type: application/json' -d '{{\"to\":\"+15551234567\",\"text\":\"hello\"}}'"
+    );
     println!();
     println!("# list conversations (200):");
     println!("curl -i {base}/v1/conversations -H 'Authorization: Bearer {sk}'");

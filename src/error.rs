@@ -96,7 +96,9 @@ impl GatewayError {
         match self {
             BadRequest(_) | KeyInQuery => StatusCode::BAD_REQUEST,
             MissingApiKey | InvalidApiKey | KeyInactive | KeyExpired => StatusCode::UNAUTHORIZED,
-            Forbidden(_) | KeyKindNotAllowed | IpNotAllowed | OriginNotAllowed => StatusCode::FORBIDDEN,
+            Forbidden(_) | KeyKindNotAllowed | IpNotAllowed | OriginNotAllowed => {
+                StatusCode::FORBIDDEN
+            }
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -142,11 +144,21 @@ impl GatewayError {
         match self {
             UpstreamUnavailable(_) | UpstreamTimeout => ErrorSource::Upstream,
             AuthUnavailable | Overloaded | Internal(_) => ErrorSource::Internal,
-            BadRequest(_) | KeyInQuery | MissingApiKey | InvalidApiKey | KeyInactive | KeyExpired
-            | Forbidden(_) | KeyKindNotAllowed | IpNotAllowed | OriginNotAllowed | NotFound
-            | MethodNotAllowed { .. } | PayloadTooLarge | HeadersTooLarge | RateLimited { .. } => {
-                ErrorSource::Client
-            }
+            BadRequest(_)
+            | KeyInQuery
+            | MissingApiKey
+            | InvalidApiKey
+            | KeyInactive
+            | KeyExpired
+            | Forbidden(_)
+            | KeyKindNotAllowed
+            | IpNotAllowed
+            | OriginNotAllowed
+            | NotFound
+            | MethodNotAllowed { .. }
+            | PayloadTooLarge
+            | HeadersTooLarge
+            | RateLimited { .. } => ErrorSource::Client,
         }
     }
 
@@ -174,7 +186,10 @@ impl GatewayError {
         let mut resp = Response::new(full_body(Bytes::from(bytes)));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         match self {
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => {
                 h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -213,11 +228,23 @@ mod tests {
             (GatewayError::IpNotAllowed, 403, "IP_NOT_ALLOWED"),
             (GatewayError::OriginNotAllowed, 403, "ORIGIN_NOT_ALLOWED"),
             (GatewayError::NotFound, 404, "NOT_FOUND"),
-            (GatewayError::MethodNotAllowed { allow }, 405, "METHOD_NOT_ALLOWED"),
+            (
+                GatewayError::MethodNotAllowed { allow },
+                405,
+                "METHOD_NOT_ALLOWED",
+            ),
             (GatewayError::PayloadTooLarge, 413, "PAYLOAD_TOO_LARGE"),
             (GatewayError::HeadersTooLarge, 431, "HEADERS_TOO_LARGE"),
-            (GatewayError::RateLimited { retry_after: 3 }, 429, "RATE_LIMITED"),
-            (GatewayError::UpstreamUnavailable("x".into()), 502, "UPSTREAM_UNAVAILABLE"),
+            (
+                GatewayError::RateLimited { retry_after: 3 },
+                429,
+                "RATE_LIMITED",
+            ),
+            (
+                GatewayError::UpstreamUnavailable("x".into()),
+                502,
+                "UPSTREAM_UNAVAILABLE",
+            ),
             (GatewayError::UpstreamTimeout, 504, "UPSTREAM_TIMEOUT"),
             (GatewayError::AuthUnavailable, 503, "AUTH_UNAVAILABLE"),
             (GatewayError::Overloaded, 503, "OVERLOADED"),
@@ -231,7 +258,8 @@ mod tests {
 
     #[test]
     fn internal_detail_never_reaches_the_body() {
-        let resp = GatewayError::UpstreamUnavailable("connect 10.0.0.5: refused".into()).to_response("r1");
+        let resp =
+            GatewayError::UpstreamUnavailable("connect 10.0.0.5: refused".into()).to_response("r1");
         assert_eq!(resp.status(), 502);
         let msg = GatewayError::Internal("secret detail".into()).public_message();
         assert!(!msg.contains("secret"));

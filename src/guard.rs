@@ -10,12 +10,16 @@ use http::{HeaderMap, Method, Request, Version, header};
 /// (`.`/`..` resolved, `//` merged; the query is not part of it).
 pub fn check<B>(req: &Request<B>, framing_conflict: bool) -> Result<String, GatewayError> {
     if framing_conflict {
-        return Err(GatewayError::BadRequest("ambiguous framing: Content-Length with Transfer-Encoding, or twice"));
+        return Err(GatewayError::BadRequest(
+            "ambiguous framing: Content-Length with Transfer-Encoding, or twice",
+        ));
     }
     check_framing(req.headers(), req.version())?;
     let uri = req.uri();
     if req.version() <= Version::HTTP_11 && (uri.scheme().is_some() || uri.authority().is_some()) {
-        return Err(GatewayError::BadRequest("absolute-form request targets are not accepted"));
+        return Err(GatewayError::BadRequest(
+            "absolute-form request targets are not accepted",
+        ));
     }
     if req.method() == Method::CONNECT {
         return Err(GatewayError::BadRequest("CONNECT is not supported"));
@@ -28,15 +32,20 @@ fn check_framing(h: &HeaderMap, version: Version) -> Result<(), GatewayError> {
     let mut cl = h.get_all(header::CONTENT_LENGTH).iter();
     let first_cl = cl.next();
     if cl.next().is_some() {
-        return Err(GatewayError::BadRequest("more than one Content-Length header"));
+        return Err(GatewayError::BadRequest(
+            "more than one Content-Length header",
+        ));
     }
     if te && first_cl.is_some() {
-        return Err(GatewayError::BadRequest("Content-Length together with Transfer-Encoding"));
+        return Err(GatewayError::BadRequest(
+            "Content-Length together with Transfer-Encoding",
+        ));
     }
     if let Some(v) = first_cl
-        && (v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit)) {
-            return Err(GatewayError::BadRequest("malformed Content-Length"));
-        }
+        && (v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit))
+    {
+        return Err(GatewayError::BadRequest("malformed Content-Length"));
+    }
     if version == Version::HTTP_11 {
         let mut hosts = h.get_all(header::HOST).iter();
         match (hosts.next(), hosts.next()) {
@@ -58,27 +67,40 @@ fn hex(b: u8) -> Option<u8> {
 pub fn canonical_path(path: &str) -> Result<String, GatewayError> {
     let b = path.as_bytes();
     if b.first() != Some(&b'/') {
-        return Err(GatewayError::BadRequest("the request target must be an absolute path"));
+        return Err(GatewayError::BadRequest(
+            "the request target must be an absolute path",
+        ));
     }
     let mut i = 0;
     let mut simple = true;
     while i < b.len() {
         match b[i] {
-            c if c < 0x21 || c == 0x7f => return Err(GatewayError::BadRequest("control character in the path")),
+            c if c < 0x21 || c == 0x7f => {
+                return Err(GatewayError::BadRequest("control character in the path"));
+            }
             b'\\' => return Err(GatewayError::BadRequest("backslash in the path")),
             b'%' => {
-                let (Some(h), Some(l)) = (b.get(i + 1).and_then(|c| hex(*c)), b.get(i + 2).and_then(|c| hex(*c))) else {
-                    return Err(GatewayError::BadRequest("malformed percent-encoding in the path"));
+                let (Some(h), Some(l)) = (
+                    b.get(i + 1).and_then(|c| hex(*c)),
+                    b.get(i + 2).and_then(|c| hex(*c)),
+                ) else {
+                    return Err(GatewayError::BadRequest(
+                        "malformed percent-encoding in the path",
+                    ));
                 };
                 let decoded = h * 16 + l;
                 if matches!(decoded, b'/' | b'\\' | 0 | b'.') || decoded < 0x20 || decoded == 0x7f {
-                    return Err(GatewayError::BadRequest("encoded /, \\, . or control character in the path"));
+                    return Err(GatewayError::BadRequest(
+                        "encoded /, \\, . or control character in the path",
+                    ));
                 }
                 i += 3;
                 continue;
             }
             b'/' if b.get(i + 1) == Some(&b'/') => simple = false,
-            b'.' if b[i - 1] == b'/' && matches!(b.get(i + 1), None | Some(b'/') | Some(b'.')) => simple = false,
+            b'.' if b[i - 1] == b'/' && matches!(b.get(i + 1), None | Some(b'/') | Some(b'.')) => {
+                simple = false
+            }
             _ => {}
         }
         i += 1;
@@ -165,12 +187,40 @@ mod tests {
     #[test]
     fn refuses_ambiguous_framing() {
         let v = Version::HTTP_11;
-        assert!(check_(&req(&[("host", "a"), ("content-length", "1"), ("transfer-encoding", "chunked")], v, "/")).is_err());
-        assert!(check_(&req(&[("host", "a"), ("content-length", "1"), ("content-length", "1")], v, "/")).is_err());
+        assert!(
+            check_(&req(
+                &[
+                    ("host", "a"),
+                    ("content-length", "1"),
+                    ("transfer-encoding", "chunked")
+                ],
+                v,
+                "/"
+            ))
+            .is_err()
+        );
+        assert!(
+            check_(&req(
+                &[
+                    ("host", "a"),
+                    ("content-length", "1"),
+                    ("content-length", "1")
+                ],
+                v,
+                "/"
+            ))
+            .is_err()
+        );
         assert!(check_(&req(&[], v, "/")).is_err());
         assert!(check_(&req(&[("host", "a"), ("host", "b")], v, "/")).is_err());
         assert!(check_(&req(&[("host", "a")], v, "http://evil/x")).is_err());
-        assert!(check_(&req(&[], Version::HTTP_2, "https://a/x")).is_ok(), "h2 carries :authority");
-        assert_eq!(check_(&req(&[("host", "a")], v, "/x//y?q=1")).unwrap(), "/x/y");
+        assert!(
+            check_(&req(&[], Version::HTTP_2, "https://a/x")).is_ok(),
+            "h2 carries :authority"
+        );
+        assert_eq!(
+            check_(&req(&[("host", "a")], v, "/x//y?q=1")).unwrap(),
+            "/x/y"
+        );
     }
 }

@@ -15,13 +15,13 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 /// A TLS config that can be re-read from its files (certificate rotation):
 /// new handshakes use the new certificate, open connections keep theirs.
@@ -41,7 +41,8 @@ pub fn load_tls(files: &TlsFiles) -> Result<ServerConfig, String> {
     if certs.is_empty() {
         return Err(format!("{}: no certificate found", files.cert.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| format!("{}: {e}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| format!("{}: {e}", files.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -57,7 +58,10 @@ impl TlsReloader {
     /// Loads the files once.
     pub fn new(files: &TlsFiles) -> Result<Self, String> {
         let cfg = load_tls(files)?;
-        Ok(TlsReloader { files: Arc::new(ArcSwap::from_pointee(files.clone())), config: Arc::new(ArcSwap::from_pointee(cfg)) })
+        Ok(TlsReloader {
+            files: Arc::new(ArcSwap::from_pointee(files.clone())),
+            config: Arc::new(ArcSwap::from_pointee(cfg)),
+        })
     }
 
     /// Re-reads the certificate and key (possibly from new paths). On error
@@ -80,19 +84,17 @@ impl TlsReloader {
 }
 
 /// Serves the public listener until `shutdown` turns true, then drains.
-pub async fn serve_public(listener: TcpListener, app: Arc<App>, tls: Option<TlsReloader>, mut shutdown: watch::Receiver<bool>) {
-    let (max_conns, grace) = {
-        let s = app.snapshot();
-        (s.config.server.max_connections, s.config.server.shutdown_grace)
-    };
-    let slots = Arc::new(Semaphore::new(max_conns));
+pub async fn serve_public(
+    listener: TcpListener,
+    app: Arc<App>,
+    tls: Option<TlsReloader>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let grace = app.snapshot().config.server.shutdown_grace;
+    // One cap for all workers.
+    let slots = app.conn_slots.clone();
     let graceful = GracefulShutdown::new();
     loop {
-        // At the connection cap, stop accepting: the kernel queue holds the rest.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.changed() => break,
-        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -105,6 +107,13 @@ pub async fn serve_public(listener: TcpListener, app: Arc<App>, tls: Option<TlsR
             },
             _ = shutdown.changed() => break,
         };
+        // At the connection cap (shared by all workers), this worker waits
+        // for a slot before serving or accepting more; the kernel queue holds
+        // the rest. Accepting first keeps an idle worker from holding a slot.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let watcher = graceful.watcher();
@@ -112,13 +121,19 @@ pub async fn serve_public(listener: TcpListener, app: Arc<App>, tls: Option<TlsR
         tokio::spawn(async move {
             let _permit = permit;
             app.metrics.open_connections.inc();
-            let conn = ConnInfo { peer, tls: acceptor.is_some(), framing_conflict: false };
+            let conn = ConnInfo {
+                peer,
+                tls: acceptor.is_some(),
+                framing_conflict: false,
+            };
             match acceptor {
                 None => serve_connection(tcp, conn, app.clone(), watcher).await,
                 Some(acceptor) => {
                     let timeout = app.snapshot().config.server.header_read_timeout;
                     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_connection(stream, conn, app.clone(), watcher).await,
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, conn, app.clone(), watcher).await
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -128,14 +143,21 @@ pub async fn serve_public(listener: TcpListener, app: Arc<App>, tls: Option<TlsR
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace period over; closing the remaining connections");
     }
 }
 
 /// HTTP/1.1 and HTTP/2 on one connection, with the limits of `[server]`.
-async fn serve_connection<I>(io: I, conn: ConnInfo, app: Arc<App>, watcher: hyper_util::server::graceful::Watcher)
-where
+async fn serve_connection<I>(
+    io: I,
+    conn: ConnInfo,
+    app: Arc<App>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let s = app.snapshot();
@@ -162,7 +184,10 @@ where
     let svc_app = app.clone();
     let service = service_fn(move |req| {
         let app = svc_app.clone();
-        let conn = ConnInfo { framing_conflict: conflict.load(Ordering::Relaxed), ..conn };
+        let conn = ConnInfo {
+            framing_conflict: conflict.load(Ordering::Relaxed),
+            ..conn
+        };
         async move { Ok::<_, Infallible>(crate::pipeline::handle(req, conn, &app).await) }
     });
     let fut = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -221,7 +246,8 @@ impl<T> FramingSniffer<T> {
                     self.saw_te = false;
                 } else if line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:") {
                     self.saw_cl = self.saw_cl.saturating_add(1);
-                } else if line.len() >= 18 && line[..18].eq_ignore_ascii_case(b"transfer-encoding:") {
+                } else if line.len() >= 18 && line[..18].eq_ignore_ascii_case(b"transfer-encoding:")
+                {
                     self.saw_te = true;
                 }
                 if (self.saw_cl > 0 && self.saw_te) || self.saw_cl > 1 {
@@ -239,7 +265,11 @@ impl<T> FramingSniffer<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for FramingSniffer<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if !self.done && matches!(r, Poll::Ready(Ok(()))) {
@@ -251,7 +281,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingSniffer<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for FramingSniffer<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -287,7 +321,9 @@ mod tests {
     #[test]
     fn sniffer_flags_two_content_lengths() {
         let mut s = FramingSniffer::new(());
-        s.scan(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello");
+        s.scan(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello",
+        );
         assert!(s.flag.load(Ordering::Relaxed));
     }
 

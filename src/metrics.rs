@@ -152,26 +152,80 @@ impl Metrics {
             last_reload_ok: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("requests", "Requests by route, method and status", m.requests.clone());
-        registry.register("request_duration_seconds", "Request latency by route", m.latency.clone());
-        registry.register("upstream_duration_seconds", "Upstream latency until response headers", m.upstream_latency.clone());
-        registry.register("upstream_errors", "Upstream failures by kind", m.upstream_errors.clone());
-        registry.register("auth_refusals", "Requests refused by authentication or authorisation, by code", m.auth_refusals.clone());
-        registry.register("rate_limited", "Requests refused by a rate limit, by scope", m.rate_limited.clone());
-        registry.register("open_connections", "Open client connections", m.open_connections.clone());
-        registry.register("config_version", "Config version in use", m.config_version.clone());
-        registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
-        registry.register("config_last_reload_success", "1 if the last reload applied", m.last_reload_ok.clone());
+        registry.register(
+            "requests",
+            "Requests by route, method and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Request latency by route",
+            m.latency.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Upstream latency until response headers",
+            m.upstream_latency.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by kind",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "auth_refusals",
+            "Requests refused by authentication or authorisation, by code",
+            m.auth_refusals.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rate limit, by scope",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Open client connections",
+            m.open_connections.clone(),
+        );
+        registry.register(
+            "config_version",
+            "Config version in use",
+            m.config_version.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "config_last_reload_success",
+            "1 if the last reload applied",
+            m.last_reload_ok.clone(),
+        );
         m.last_reload_ok.set(1);
         Metrics { registry, ..m }
     }
 
     /// Counts a finished request.
-    pub fn observe_request(&self, route: &Arc<str>, method: &http::Method, status: u16, seconds: f64) {
+    pub fn observe_request(
+        &self,
+        route: &Arc<str>,
+        method: &http::Method,
+        status: u16,
+        seconds: f64,
+    ) {
         self.requests
-            .get_or_create(&RequestLabels { route: route.clone(), method: method_label(method), status })
+            .get_or_create(&RequestLabels {
+                route: route.clone(),
+                method: method_label(method),
+                status,
+            })
             .inc();
-        self.latency.get_or_create(&RouteLabel { route: route.clone() }).observe(seconds);
+        self.latency
+            .get_or_create(&RouteLabel {
+                route: route.clone(),
+            })
+            .observe(seconds);
     }
 
     /// Prometheus text exposition, with the scrape-time values appended.
@@ -184,16 +238,51 @@ impl Metrics {
             out.truncate(out.len() - "# EOF\n".len());
         }
         let mut counter = |name: &str, help: &str, v: f64| {
-            let _ = write!(out, "# HELP portcullis_{name} {help}\n# TYPE portcullis_{name} counter\nportcullis_{name}_total {v}\n");
+            let _ = write!(
+                out,
+                "# HELP portcullis_{name} {help}\n# TYPE portcullis_{name} counter\nportcullis_{name}_total {v}\n"
+            );
         };
-        counter("key_cache_hits", "Key lookups answered by the local cache", s.cache_hits as f64);
-        counter("key_cache_misses", "Key lookups that needed the store", s.cache_misses as f64);
-        counter("key_cache_stale", "Stale keys served while the store failed", s.cache_stale as f64);
-        counter("store_lookups", "Key store lookups made", s.store_lookups as f64);
-        counter("store_errors", "Key store lookups that failed", s.store_errors as f64);
-        counter("store_lookup_seconds", "Total time spent in key store lookups", s.store_lookup_seconds);
-        counter("ratelimit_redis_calls", "Rate-limit calls to Redis", s.ratelimit_redis_calls as f64);
-        counter("ratelimit_redis_errors", "Rate-limit calls to Redis that failed", s.ratelimit_redis_errors as f64);
+        counter(
+            "key_cache_hits",
+            "Key lookups answered by the local cache",
+            s.cache_hits as f64,
+        );
+        counter(
+            "key_cache_misses",
+            "Key lookups that needed the store",
+            s.cache_misses as f64,
+        );
+        counter(
+            "key_cache_stale",
+            "Stale keys served while the store failed",
+            s.cache_stale as f64,
+        );
+        counter(
+            "store_lookups",
+            "Key store lookups made",
+            s.store_lookups as f64,
+        );
+        counter(
+            "store_errors",
+            "Key store lookups that failed",
+            s.store_errors as f64,
+        );
+        counter(
+            "store_lookup_seconds",
+            "Total time spent in key store lookups",
+            s.store_lookup_seconds,
+        );
+        counter(
+            "ratelimit_redis_calls",
+            "Rate-limit calls to Redis",
+            s.ratelimit_redis_calls as f64,
+        );
+        counter(
+            "ratelimit_redis_errors",
+            "Rate-limit calls to Redis that failed",
+            s.ratelimit_redis_errors as f64,
+        );
         let _ = write!(
             out,
             "# HELP portcullis_ratelimit_fallback 1 while Redis fails and on_store_error applies\n# TYPE portcullis_ratelimit_fallback gauge\nportcullis_ratelimit_fallback {}\n",

@@ -74,7 +74,11 @@ async fn inner(
     let client_ip = client_ip(req.headers(), ctx.conn, cfg);
 
     if route.auth == AuthMode::Key {
-        let input = AuthInput { headers: req.headers(), client_ip, route: &route };
+        let input = AuthInput {
+            headers: req.headers(),
+            client_ip,
+            route: &route,
+        };
         let identity = auth::authenticate(&input, cfg, &app.keys).await?;
         if route.allows_public() {
             ctx.cors_origin = req.headers().get(header::ORIGIN).cloned();
@@ -84,20 +88,30 @@ async fn inner(
     }
 
     if let Some(len) = content_length(req.headers())
-        && len > route.max_body_bytes {
-            return Err(GatewayError::PayloadTooLarge);
-        }
-    let pool = snap
-        .pools
-        .get(&route.upstream)
-        .ok_or_else(|| GatewayError::Internal(format!("no pool for upstream {}", route.upstream)))?;
+        && len > route.max_body_bytes
+    {
+        return Err(GatewayError::PayloadTooLarge);
+    }
+    let pool = snap.pools.get(&route.upstream).ok_or_else(|| {
+        GatewayError::Internal(format!("no pool for upstream {}", route.upstream))
+    })?;
     let xff = forwarded_for(req.headers(), ctx.conn, cfg);
-    let fwd = crate::proxy::Forwarding { xff, strip_credentials: route.auth == AuthMode::Key };
+    let fwd = crate::proxy::Forwarding {
+        xff,
+        strip_credentials: route.auth == AuthMode::Key,
+    };
     crate::proxy::forward(pool, &route, req, fwd, ctx).await
 }
 
-async fn rate_limit(ctx: &mut RequestCtx, route: &Route, cfg: &Config, app: &App) -> Result<(), GatewayError> {
-    let Some(identity) = &ctx.identity else { return Ok(()) };
+async fn rate_limit(
+    ctx: &mut RequestCtx,
+    route: &Route,
+    cfg: &Config,
+    app: &App,
+) -> Result<(), GatewayError> {
+    let Some(identity) = &ctx.identity else {
+        return Ok(());
+    };
     let key = &identity.key;
     let plan = cfg.plan_limits(key.plan.as_deref());
     let limits_buf;
@@ -110,17 +124,33 @@ async fn rate_limit(ctx: &mut RequestCtx, route: &Route, cfg: &Config, app: &App
     if limits.is_empty() {
         return Ok(());
     }
-    let req = LimitRequest { key_id: &key.id, workspace: &key.workspace, route: &route.name, limits };
+    let req = LimitRequest {
+        key_id: &key.id,
+        workspace: &key.workspace,
+        route: &route.name,
+        limits,
+    };
     match app.limiter.check(&req).await {
         Decision::Unlimited => Ok(()),
         Decision::Allowed(v) => {
             ctx.rate = Some(v);
             Ok(())
         }
-        Decision::Refused { verdict, retry_after_secs, scope } => {
+        Decision::Refused {
+            verdict,
+            retry_after_secs,
+            scope,
+        } => {
             ctx.rate = Some(verdict);
-            app.metrics.rate_limited.get_or_create(&crate::metrics::ScopeLabel { scope: scope.as_str() }).inc();
-            Err(GatewayError::RateLimited { retry_after: retry_after_secs.max(1) })
+            app.metrics
+                .rate_limited
+                .get_or_create(&crate::metrics::ScopeLabel {
+                    scope: scope.as_str(),
+                })
+                .inc();
+            Err(GatewayError::RateLimited {
+                retry_after: retry_after_secs.max(1),
+            })
         }
     }
 }
@@ -142,12 +172,18 @@ fn preflight(req: &Request<Incoming>, path: &str, cfg: &Config) -> Option<Respon
     *resp.status_mut() = StatusCode::NO_CONTENT;
     let h = resp.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_str(method.as_str()).ok()?);
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_str(method.as_str()).ok()?,
+    );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
         HeaderValue::from_static("authorization, x-api-key, content-type, x-request-id"),
     );
-    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
     h.insert(header::VARY, HeaderValue::from_static("Origin"));
     Some(resp)
 }
@@ -159,7 +195,12 @@ fn finish(resp: &mut Response<ResponseBody>, ctx: &RequestCtx) {
     if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
         h.insert(names::X_REQUEST_ID, v);
     }
-    if let Some(RateVerdict { limit, remaining, reset_secs }) = ctx.rate {
+    if let Some(RateVerdict {
+        limit,
+        remaining,
+        reset_secs,
+    }) = ctx.rate
+    {
         h.insert(names::X_RATELIMIT_LIMIT, HeaderValue::from(limit));
         h.insert(names::X_RATELIMIT_REMAINING, HeaderValue::from(remaining));
         h.insert(names::X_RATELIMIT_RESET, HeaderValue::from(reset_secs));
@@ -170,7 +211,9 @@ fn finish(resp: &mut Response<ResponseBody>, ctx: &RequestCtx) {
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
             h.insert(
                 header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                HeaderValue::from_static("x-request-id, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset"),
+                HeaderValue::from_static(
+                    "x-request-id, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset",
+                ),
             );
             h.append(header::VARY, HeaderValue::from_static("Origin"));
         }
@@ -181,12 +224,23 @@ fn record_error(e: &GatewayError, ctx: &RequestCtx, app: &App) {
     let m = &app.metrics;
     match e.status().as_u16() {
         401 | 403 => {
-            m.auth_refusals.get_or_create(&crate::metrics::CodeLabel { code: e.code() }).inc();
+            m.auth_refusals
+                .get_or_create(&crate::metrics::CodeLabel { code: e.code() })
+                .inc();
         }
         502 | 504 => {
             if let Some(u) = &ctx.upstream {
-                let kind = if matches!(e, GatewayError::UpstreamTimeout) { "timeout" } else { "unavailable" };
-                m.upstream_errors.get_or_create(&crate::metrics::UpstreamErrorLabels { upstream: u.clone(), kind }).inc();
+                let kind = if matches!(e, GatewayError::UpstreamTimeout) {
+                    "timeout"
+                } else {
+                    "unavailable"
+                };
+                m.upstream_errors
+                    .get_or_create(&crate::metrics::UpstreamErrorLabels {
+                        upstream: u.clone(),
+                        kind,
+                    })
+                    .inc();
             }
         }
         _ => {}
@@ -196,7 +250,9 @@ fn record_error(e: &GatewayError, ctx: &RequestCtx, app: &App) {
         ErrorSource::Upstream => {
             tracing::warn!(request_id = %ctx.request_id, upstream = ctx.upstream.as_deref().unwrap_or("-"), error = %e, "upstream failed")
         }
-        ErrorSource::Internal => tracing::error!(request_id = %ctx.request_id, error = %e, "request failed inside the gateway"),
+        ErrorSource::Internal => {
+            tracing::error!(request_id = %ctx.request_id, error = %e, "request failed inside the gateway")
+        }
     }
 }
 
@@ -205,11 +261,14 @@ fn log_and_count(resp: &Response<ResponseBody>, ctx: &RequestCtx, app: &App) {
     let status = resp.status().as_u16();
     let elapsed = ctx.start.elapsed();
     let route = ctx.route.as_ref().unwrap_or(&NO_ROUTE);
-    app.metrics.observe_request(route, &ctx.method, status, elapsed.as_secs_f64());
+    app.metrics
+        .observe_request(route, &ctx.method, status, elapsed.as_secs_f64());
     if let (Some(u), Some(t)) = (&ctx.upstream, ctx.upstream_latency) {
         app.metrics
             .upstream_latency
-            .get_or_create(&crate::metrics::UpstreamLabel { upstream: u.clone() })
+            .get_or_create(&crate::metrics::UpstreamLabel {
+                upstream: u.clone(),
+            })
             .observe(t.as_secs_f64());
     }
     let key = ctx.identity.as_ref().map(|i| &*i.key);
@@ -238,7 +297,10 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 /// A client-sent `X-Request-Id` when well-formed (1–128 of `[A-Za-z0-9._-]`).
 fn request_id(h: &HeaderMap) -> Option<String> {
     let v = h.get(names::X_REQUEST_ID)?.as_bytes();
-    let ok = !v.is_empty() && v.len() <= 128 && v.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
     ok.then(|| String::from_utf8_lossy(v).into_owned())
 }
 
@@ -253,7 +315,11 @@ pub fn client_ip(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> IpAddr {
     if !trusted(peer, cfg) {
         return peer;
     }
-    let hops = h.get_all(names::X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).flat_map(|s| s.split(','));
+    let hops = h
+        .get_all(names::X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','));
     let hops: Vec<&str> = hops.collect();
     for hop in hops.iter().rev() {
         match hop.trim().parse::<IpAddr>() {
@@ -270,11 +336,16 @@ pub fn client_ip(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> IpAddr {
 fn forwarded_for(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> HeaderValue {
     let peer = conn.peer.ip();
     if trusted(peer, cfg) {
-        let prior: Vec<&str> = h.get_all(names::X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        let prior: Vec<&str> = h
+            .get_all(names::X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
         if !prior.is_empty()
-            && let Ok(v) = HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))) {
-                return v;
-            }
+            && let Ok(v) = HeaderValue::from_str(&format!("{}, {peer}", prior.join(", ")))
+        {
+            return v;
+        }
     }
     HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
 }

@@ -76,7 +76,9 @@ pub async fn watch(app: Arc<App>, tls: Option<TlsReloader>, mut shutdown: watch:
 pub fn reload_once(app: &App, tls: &Option<TlsReloader>, path: &Path) -> bool {
     let m = &app.metrics;
     let fail = |why: &str| {
-        m.reloads.get_or_create(&ResultLabel { result: "error" }).inc();
+        m.reloads
+            .get_or_create(&ResultLabel { result: "error" })
+            .inc();
         m.last_reload_ok.set(0);
         tracing::error!(file = %path.display(), errors = %why, "config reload refused; the running config stays");
         false
@@ -86,9 +88,10 @@ pub fn reload_once(app: &App, tls: &Option<TlsReloader>, path: &Path) -> bool {
         Err(e) => return fail(&e.to_string()),
     };
     if let (Some(t), Some(files)) = (tls, &config.server.tls)
-        && let Err(e) = t.reload(files) {
-            return fail(&e);
-        }
+        && let Err(e) = t.reload(files)
+    {
+        return fail(&e);
+    }
     let restart = app.apply(config);
     m.reloads.get_or_create(&ResultLabel { result: "ok" }).inc();
     m.last_reload_ok.set(1);

@@ -45,11 +45,17 @@ pub fn check_pattern(path: &str) -> Result<(), String> {
             check_name(path, name)?;
         } else if let Some(inner) = seg.strip_prefix('{') {
             let Some(name) = inner.strip_suffix('}') else {
-                return Err(format!("path {path:?}: a {{param}} must be a whole segment"));
+                return Err(format!(
+                    "path {path:?}: a {{param}} must be a whole segment"
+                ));
             };
             check_name(path, name)?;
-        } else if seg.contains(['{', '}', '*', '?', '#', '%', '\\']) || seg.bytes().any(|c| c <= b' ' || c == 0x7f) {
-            return Err(format!("path {path:?}: segment {seg:?} has a character that is not allowed in a route path"));
+        } else if seg.contains(['{', '}', '*', '?', '#', '%', '\\'])
+            || seg.bytes().any(|c| c <= b' ' || c == 0x7f)
+        {
+            return Err(format!(
+                "path {path:?}: segment {seg:?} has a character that is not allowed in a route path"
+            ));
         } else if *seg == "." || *seg == ".." {
             return Err(format!("path {path:?} must not contain . or .. segments"));
         }
@@ -59,7 +65,9 @@ pub fn check_pattern(path: &str) -> Result<(), String> {
 
 fn check_name(path: &str, name: &str) -> Result<(), String> {
     if name.is_empty() || !name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
-        return Err(format!("path {path:?}: parameter name {name:?} must be letters, digits or _"));
+        return Err(format!(
+            "path {path:?}: parameter name {name:?} must be letters, digits or _"
+        ));
     }
     Ok(())
 }
@@ -78,14 +86,24 @@ impl Router {
         let mut r = Router::default();
         for (idx, route) in routes.iter().enumerate() {
             let pattern = to_matchit(&route.path);
-            let table = if pattern.contains("{*") { &mut r.tails } else { &mut r.paths };
+            let table = if pattern.contains("{*") {
+                &mut r.tails
+            } else {
+                &mut r.paths
+            };
             let entry = match r.entries.iter().position(|e| e.pattern == pattern) {
                 // The same pattern text again: add methods to its entry.
                 Some(id) => id,
                 None => {
                     let id = r.entries.len();
                     table.insert(pattern.clone(), id).map_err(|e| {
-                        (idx, format!("route {}: path {:?} conflicts with another route: {e}", route.name, route.path))
+                        (
+                            idx,
+                            format!(
+                                "route {}: path {:?} conflicts with another route: {e}",
+                                route.name, route.path
+                            ),
+                        )
                     })?;
                     r.entries.push(PathEntry {
                         pattern,
@@ -100,14 +118,26 @@ impl Router {
             match &route.methods {
                 None => {
                     if e.any.is_some() || !e.by_method.is_empty() {
-                        return Err((idx, format!("route {}: another route already serves {:?} for any method", route.name, route.path)));
+                        return Err((
+                            idx,
+                            format!(
+                                "route {}: another route already serves {:?} for any method",
+                                route.name, route.path
+                            ),
+                        ));
                     }
                     e.any = Some(route.clone());
                 }
                 Some(ms) => {
                     for m in ms {
                         if e.any.is_some() || e.by_method.iter().any(|(x, _)| x == m) {
-                            return Err((idx, format!("route {}: another route already serves {m} {}", route.name, route.path)));
+                            return Err((
+                                idx,
+                                format!(
+                                    "route {}: another route already serves {m} {}",
+                                    route.name, route.path
+                                ),
+                            ));
                         }
                         e.by_method.push((m.clone(), route.clone()));
                     }
@@ -118,7 +148,11 @@ impl Router {
             let allow = if e.any.is_some() {
                 "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS".to_string()
             } else {
-                e.by_method.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join(", ")
+                e.by_method
+                    .iter()
+                    .map(|(m, _)| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
             e.allow = HeaderValue::from_str(&allow).unwrap_or(HeaderValue::from_static(""));
         }
@@ -137,7 +171,9 @@ impl Router {
             return Ok(r);
         }
         match main.or(tail) {
-            Some(e) => Err(GatewayError::MethodNotAllowed { allow: e.allow.clone() }),
+            Some(e) => Err(GatewayError::MethodNotAllowed {
+                allow: e.allow.clone(),
+            }),
             None => Err(GatewayError::NotFound),
         }
     }
@@ -145,7 +181,11 @@ impl Router {
 
 impl PathEntry {
     fn route(&self, method: &Method) -> Option<&Arc<Route>> {
-        self.by_method.iter().find(|(x, _)| x == method).map(|(_, r)| r).or(self.any.as_ref())
+        self.by_method
+            .iter()
+            .find(|(x, _)| x == method)
+            .map(|(_, r)| r)
+            .or(self.any.as_ref())
     }
 }
 
@@ -157,7 +197,11 @@ mod tests {
     fn route(name: &str, methods: Option<&[&str]>, path: &str) -> Arc<Route> {
         Arc::new(Route {
             name: name.into(),
-            methods: methods.map(|ms| ms.iter().map(|m| Method::from_bytes(m.as_bytes()).unwrap()).collect()),
+            methods: methods.map(|ms| {
+                ms.iter()
+                    .map(|m| Method::from_bytes(m.as_bytes()).unwrap())
+                    .collect()
+            }),
             path: path.into(),
             upstream: "u".into(),
             permissions: vec![],
@@ -178,27 +222,50 @@ mod tests {
             route("outer", Some(&["GET"]), "/v1/*rest"),
         ])
         .unwrap();
-        assert_eq!(&*r.at(&Method::GET, "/v1/files/special/meta").unwrap().name, "exact");
-        assert_eq!(&*r.at(&Method::GET, "/v1/files/x/meta").unwrap().name, "param");
-        assert_eq!(&*r.at(&Method::GET, "/v1/files/x/y/z").unwrap().name, "tail");
+        assert_eq!(
+            &*r.at(&Method::GET, "/v1/files/special/meta").unwrap().name,
+            "exact"
+        );
+        assert_eq!(
+            &*r.at(&Method::GET, "/v1/files/x/meta").unwrap().name,
+            "param"
+        );
+        assert_eq!(
+            &*r.at(&Method::GET, "/v1/files/x/y/z").unwrap().name,
+            "tail"
+        );
         assert_eq!(&*r.at(&Method::GET, "/v1/other/y").unwrap().name, "outer");
     }
 
     #[test]
     fn not_found_and_method_not_allowed_with_allow() {
-        let r = Router::build(&[route("a", Some(&["POST"]), "/a"), route("b", Some(&["PUT"]), "/a")]).unwrap();
-        assert!(matches!(r.at(&Method::GET, "/nope"), Err(GatewayError::NotFound)));
+        let r = Router::build(&[
+            route("a", Some(&["POST"]), "/a"),
+            route("b", Some(&["PUT"]), "/a"),
+        ])
+        .unwrap();
+        assert!(matches!(
+            r.at(&Method::GET, "/nope"),
+            Err(GatewayError::NotFound)
+        ));
         match r.at(&Method::GET, "/a") {
             Err(GatewayError::MethodNotAllowed { allow }) => assert_eq!(allow, "POST, PUT"),
             other => panic!("{other:?}"),
         }
         assert_eq!(&*r.at(&Method::PUT, "/a").unwrap().name, "b");
-        assert!(matches!(r.at(&Method::POST, "/A"), Err(GatewayError::NotFound)), "case-sensitive");
+        assert!(
+            matches!(r.at(&Method::POST, "/A"), Err(GatewayError::NotFound)),
+            "case-sensitive"
+        );
     }
 
     #[test]
     fn duplicate_method_and_path_is_an_error() {
-        let e = Router::build(&[route("a", Some(&["GET"]), "/a"), route("b", Some(&["GET"]), "/a")]).unwrap_err();
+        let e = Router::build(&[
+            route("a", Some(&["GET"]), "/a"),
+            route("b", Some(&["GET"]), "/a"),
+        ])
+        .unwrap_err();
         assert_eq!(e.0, 1);
         assert!(e.1.contains("already serves GET /a"), "{}", e.1);
     }
@@ -207,9 +274,22 @@ mod tests {
     fn patterns_are_checked() {
         assert!(check_pattern("/v1/{id}").is_ok());
         assert!(check_pattern("/v1/*rest").is_ok());
-        assert!(check_pattern("v1").unwrap_err().contains("must start with /"));
-        assert!(check_pattern("/v1/*rest/x").unwrap_err().contains("last segment"));
-        assert!(check_pattern("/v1/a{id}").unwrap_err().contains("whole segment") || check_pattern("/v1/a{id}").is_err());
+        assert!(
+            check_pattern("v1")
+                .unwrap_err()
+                .contains("must start with /")
+        );
+        assert!(
+            check_pattern("/v1/*rest/x")
+                .unwrap_err()
+                .contains("last segment")
+        );
+        assert!(
+            check_pattern("/v1/a{id}")
+                .unwrap_err()
+                .contains("whole segment")
+                || check_pattern("/v1/a{id}").is_err()
+        );
         assert!(check_pattern("/v1/{i-d}").is_err());
         assert!(check_pattern("/v1//x").is_err());
     }

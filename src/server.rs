@@ -39,7 +39,10 @@ impl Default for RequestIds {
     fn default() -> Self {
         let mut prefix = String::with_capacity(12);
         crate::keys::format::push_random_base62(&mut prefix, 10);
-        RequestIds { prefix, next: AtomicU64::new(1) }
+        RequestIds {
+            prefix,
+            next: AtomicU64::new(1),
+        }
     }
 }
 
@@ -89,13 +92,16 @@ pub struct App {
     pub in_flight: AtomicUsize,
     /// Wakes the reload task (SIGHUP does the same).
     pub reload: tokio::sync::Notify,
+    /// Open-connection slots (`server.max_connections`), shared by all workers.
+    pub conn_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
     /// Opens the store, starts the limiter and the cache's watchers.
     pub async fn new(config: Config) -> Result<Arc<App>, StartError> {
         let store: SharedStore = crate::keys::open(&config.store.url, config.store.timeout).await?;
-        let redis_url = (config.rate_limit.mode != RateLimitMode::Local).then_some(config.store.url.as_str());
+        let redis_url =
+            (config.rate_limit.mode != RateLimitMode::Local).then_some(config.store.url.as_str());
         let limiter = RateLimiter::new(config.rate_limit, redis_url).await?;
         let keys = Arc::new(KeyCache::new(store.clone()));
         keys.spawn_last_used_writer(config.cache.last_used_interval);
@@ -113,15 +119,21 @@ impl App {
         });
         let metrics = Arc::new(Metrics::new());
         metrics.config_version.set(1);
-        let pools = Pools::build(config.upstreams.values(), None);
+        let pools = Pools::build(config.upstreams.values(), None, config.server.workers);
+        let max_connections = config.server.max_connections;
         Ok(Arc::new(App {
-            current: ArcSwap::from_pointee(Snapshot { config: Arc::new(config), pools, version: 1 }),
+            current: ArcSwap::from_pointee(Snapshot {
+                config: Arc::new(config),
+                pools,
+                version: 1,
+            }),
             keys,
             limiter: Arc::new(limiter),
             metrics,
             ids: RequestIds::default(),
             in_flight: AtomicUsize::new(0),
             reload: tokio::sync::Notify::new(),
+            conn_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         }))
     }
 
@@ -147,6 +159,14 @@ impl App {
             restart.push("admin.listen");
             config.admin.listen = old.config.admin.listen;
         }
+        if config.server.max_connections != old.config.server.max_connections {
+            restart.push("server.max_connections");
+            config.server.max_connections = old.config.server.max_connections;
+        }
+        if config.server.workers != old.config.server.workers {
+            restart.push("server.workers");
+            config.server.workers = old.config.server.workers;
+        }
         if config.store != old.config.store {
             restart.push("store");
             config.store = old.config.store.clone();
@@ -155,9 +175,17 @@ impl App {
             restart.push("rate_limit.mode");
             config.rate_limit.mode = old.config.rate_limit.mode;
         }
-        let pools = Pools::build(config.upstreams.values(), Some(&old.pools));
+        let pools = Pools::build(
+            config.upstreams.values(),
+            Some(&old.pools),
+            config.server.workers,
+        );
         let version = old.version + 1;
-        self.current.store(Arc::new(Snapshot { config: Arc::new(config), pools, version }));
+        self.current.store(Arc::new(Snapshot {
+            config: Arc::new(config),
+            pools,
+            version,
+        }));
         self.metrics.config_version.set(version as i64);
         restart
     }
@@ -191,6 +219,7 @@ pub struct Gateway {
     pub admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -206,30 +235,84 @@ impl Gateway {
             Some(files) => Some(crate::listener::TlsReloader::new(files).map_err(StartError::Tls)?),
             None => None,
         };
-        let public = TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
+        let workers = config.server.workers;
+        let bind_err = |source| StartError::Bind {
+            addr: listen,
+            source,
+        };
+        let first = reuseport_listener(listen).map_err(bind_err)?;
+        let addr = first.local_addr().map_err(bind_err)?;
+        let mut publics = vec![first];
+        for _ in 1..workers {
+            publics.push(reuseport_listener(addr).map_err(bind_err)?);
+        }
         let admin = match TcpListener::bind(admin_listen).await {
             Ok(l) => Some(l),
-            Err(source) if config.admin.explicit => return Err(StartError::Bind { addr: admin_listen, source }),
+            Err(source) if config.admin.explicit => {
+                return Err(StartError::Bind {
+                    addr: admin_listen,
+                    source,
+                });
+            }
             Err(e) => {
                 tracing::warn!(addr = %admin_listen, error = %e, "no admin listener: the default admin address is taken (set [admin] listen)");
                 None
             }
         };
-        let addr = public.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
         let admin_addr = match &admin {
-            Some(a) => a.local_addr().map_err(|source| StartError::Bind { addr: admin_listen, source })?,
+            Some(a) => a.local_addr().map_err(|source| StartError::Bind {
+                addr: admin_listen,
+                source,
+            })?,
             None => admin_listen,
         };
         let app = App::new(config).await?;
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(crate::listener::serve_public(public, app.clone(), tls.clone(), rx.clone())));
+        let mut threads = Vec::new();
+        for (i, l) in publics.into_iter().enumerate() {
+            let (app, tls, rx) = (app.clone(), tls.clone(), rx.clone());
+            let t = std::thread::Builder::new().name(format!("portcullis-w{i}")).spawn(move || {
+                // One single-threaded event loop per worker, as nginx: a
+                // request never hops threads, so no cross-thread wake-ups.
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(worker = i, error = %e, "cannot start a worker event loop");
+                        return;
+                    }
+                };
+                crate::proxy::set_worker(i);
+                rt.block_on(async move {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => crate::listener::serve_public(l, app, tls, rx).await,
+                        Err(e) => tracing::error!(worker = i, error = %e, "cannot register the listener"),
+                    }
+                });
+            });
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::error!(worker = i, error = %e, "cannot start a worker thread"),
+            }
+        }
         if let Some(admin) = admin {
-            tasks.push(tokio::spawn(crate::admin::serve(admin, app.clone(), admin_tls, rx.clone())));
+            tasks.push(tokio::spawn(crate::admin::serve(
+                admin,
+                app.clone(),
+                admin_tls,
+                rx.clone(),
+            )));
         }
         tasks.push(tokio::spawn(crate::reload::watch(app.clone(), tls, rx)));
-        tracing::info!(%addr, %admin_addr, "portcullis listening");
-        Ok(Gateway { app, addr, admin_addr, shutdown, tasks })
+        tracing::info!(%addr, %admin_addr, workers, "portcullis listening");
+        Ok(Gateway {
+            app,
+            addr,
+            admin_addr,
+            shutdown,
+            tasks,
+            threads,
+        })
     }
 
     /// Asks the gateway to reload its config file now (as SIGHUP does).
@@ -244,5 +327,23 @@ impl Gateway {
         for t in self.tasks {
             let _ = t.await;
         }
+        for t in self.threads {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
     }
+}
+
+/// A listening socket with `SO_REUSEPORT`, so each worker can have its own
+/// and the kernel spreads connections across them.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    sock.set_reuseport(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)?.into_std()
 }

@@ -20,7 +20,10 @@ impl Timestamp {
 
     /// This time plus `d` (saturating).
     pub fn plus(self, d: Duration) -> Self {
-        Timestamp(self.0.saturating_add(d.as_secs().min(i64::MAX as u64) as i64))
+        Timestamp(
+            self.0
+                .saturating_add(d.as_secs().min(i64::MAX as u64) as i64),
+        )
     }
 
     /// RFC 3339 text, e.g. `2026-11-23T12:00:00Z`.
@@ -46,8 +49,9 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Timestamp::parse(&s)
-            .ok_or_else(|| serde::de::Error::custom("expected an RFC 3339 time such as 2026-11-23T12:00:00Z"))
+        Timestamp::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom("expected an RFC 3339 time such as 2026-11-23T12:00:00Z")
+        })
     }
 }
 

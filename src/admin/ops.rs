@@ -30,7 +30,10 @@ pub enum OpsError {
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> OpsError {
-    OpsError::Invalid { field, message: message.into() }
+    OpsError::Invalid {
+        field,
+        message: message.into(),
+    }
 }
 
 /// A request to create a key (admin body, self-service body, CLI flags).
@@ -77,7 +80,10 @@ pub struct NewKey {
 /// Checks permission syntax.
 pub fn check_permissions(perms: &[String]) -> Result<(), OpsError> {
     match perms.iter().find(|p| !valid_permission(p)) {
-        Some(p) => Err(invalid("permissions", format!("{p:?} is not a permission such as sms.send, sms.* or *"))),
+        Some(p) => Err(invalid(
+            "permissions",
+            format!("{p:?} is not a permission such as sms.send, sms.* or *"),
+        )),
         None => Ok(()),
     }
 }
@@ -85,7 +91,11 @@ pub fn check_permissions(perms: &[String]) -> Result<(), OpsError> {
 /// Parses `allowed_ips`.
 pub fn parse_ips(ips: &[String]) -> Result<Vec<IpNet>, OpsError> {
     ips.iter()
-        .map(|s| crate::config::parse_net(s.trim()).ok_or_else(|| invalid("allowed_ips", format!("{s:?} is not an IP address or CIDR"))))
+        .map(|s| {
+            crate::config::parse_net(s.trim()).ok_or_else(|| {
+                invalid("allowed_ips", format!("{s:?} is not an IP address or CIDR"))
+            })
+        })
         .collect()
 }
 
@@ -94,9 +104,15 @@ pub fn check_origins(origins: &[String]) -> Result<(), OpsError> {
     for o in origins {
         let host = o.split_once("://").map(|(_, r)| r).unwrap_or(o);
         let host = host.strip_prefix("*.").unwrap_or(host);
-        let ok = !host.is_empty() && host.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']'));
+        let ok = !host.is_empty()
+            && host.bytes().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']')
+            });
         if !ok {
-            return Err(invalid("allowed_origins", format!("{o:?} is not a host such as app.example.com")));
+            return Err(invalid(
+                "allowed_origins",
+                format!("{o:?} is not a host such as app.example.com"),
+            ));
         }
     }
     Ok(())
@@ -105,23 +121,40 @@ pub fn check_origins(origins: &[String]) -> Result<(), OpsError> {
 /// Parses an expiry given as `expires_at` (RFC 3339) or `expires_in` (duration); must be in the future.
 pub fn parse_expiry(at: Option<&str>, within: Option<&str>) -> Result<Option<Timestamp>, OpsError> {
     let t = match (at, within) {
-        (Some(_), Some(_)) => return Err(invalid("expires_at", "give expires_at or expires_in, not both")),
-        (Some(a), None) => Some(Timestamp::parse(a).ok_or_else(|| invalid("expires_at", format!("{a:?} is not an RFC 3339 time")))?),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "expires_at",
+                "give expires_at or expires_in, not both",
+            ));
+        }
+        (Some(a), None) => Some(
+            Timestamp::parse(a)
+                .ok_or_else(|| invalid("expires_at", format!("{a:?} is not an RFC 3339 time")))?,
+        ),
         (None, Some(d)) => {
-            let d = humantime::parse_duration(d).map_err(|_| invalid("expires_in", format!("{d:?} is not a duration such as 30d")))?;
+            let d = humantime::parse_duration(d).map_err(|_| {
+                invalid("expires_in", format!("{d:?} is not a duration such as 30d"))
+            })?;
             Some(Timestamp::now().plus(d))
         }
         (None, None) => None,
     };
     if let Some(t) = t
-        && t <= Timestamp::now() {
-            let field = if at.is_some() { "expires_at" } else { "expires_in" };
-            return Err(invalid(field, "the expiry must be in the future"));
-        }
+        && t <= Timestamp::now()
+    {
+        let field = if at.is_some() {
+            "expires_at"
+        } else {
+            "expires_in"
+        };
+        return Err(invalid(field, "the expiry must be in the future"));
+    }
     Ok(t)
 }
 
-fn check_metadata(m: Option<serde_json::Value>) -> Result<serde_json::Map<String, serde_json::Value>, OpsError> {
+fn check_metadata(
+    m: Option<serde_json::Value>,
+) -> Result<serde_json::Map<String, serde_json::Value>, OpsError> {
     match m {
         None | Some(serde_json::Value::Null) => Ok(Default::default()),
         Some(serde_json::Value::Object(o)) => Ok(o),
@@ -131,21 +164,28 @@ fn check_metadata(m: Option<serde_json::Value>) -> Result<serde_json::Map<String
 
 fn check_text(field: &'static str, s: &str, max: usize) -> Result<(), OpsError> {
     if s.len() > max || s.chars().any(char::is_control) {
-        return Err(invalid(field, format!("must be at most {max} characters with no control characters")));
+        return Err(invalid(
+            field,
+            format!("must be at most {max} characters with no control characters"),
+        ));
     }
     Ok(())
 }
 
 /// Validates a create request into a record (no id or secret yet).
 pub fn build_record(cfg: &Config, n: NewKey) -> Result<KeyRecord, OpsError> {
-    let workspace = n.workspace.filter(|w| !w.trim().is_empty()).ok_or_else(|| invalid("workspace", "is required"))?;
+    let workspace = n
+        .workspace
+        .filter(|w| !w.trim().is_empty())
+        .ok_or_else(|| invalid("workspace", "is required"))?;
     check_text("workspace", &workspace, 128)?;
     let name = n.name.unwrap_or_default();
     check_text("name", &name, 256)?;
     let kind = n.kind.unwrap_or_else(|| "secret".into());
     let environment = match n.environment.as_deref() {
         None => Environment::Live,
-        Some(e) => Environment::parse(e).ok_or_else(|| invalid("environment", format!("{e:?}: use live or test")))?,
+        Some(e) => Environment::parse(e)
+            .ok_or_else(|| invalid("environment", format!("{e:?}: use live or test")))?,
     };
     let rule = cfg
         .key_format
@@ -153,9 +193,10 @@ pub fn build_record(cfg: &Config, n: NewKey) -> Result<KeyRecord, OpsError> {
         .ok_or_else(|| invalid("kind", format!("{kind:?} is not a key kind in [key_kinds]")))?;
     check_permissions(&n.permissions)?;
     if let Some(p) = &n.plan
-        && !cfg.plans.contains_key(p) {
-            return Err(invalid("plan", format!("{p:?} is not a plan in [plans]")));
-        }
+        && !cfg.plans.contains_key(p)
+    {
+        return Err(invalid("plan", format!("{p:?} is not a plan in [plans]")));
+    }
     let expires_at = parse_expiry(n.expires_at.as_deref(), n.expires_in.as_deref())?;
     let allowed_ips = parse_ips(&n.allowed_ips)?;
     check_origins(&n.allowed_origins)?;
@@ -185,7 +226,11 @@ fn last4(secret: &str) -> String {
 }
 
 /// Creates a key; returns the record and its secret (shown this once).
-pub async fn create(store: &SharedStore, cfg: &Config, n: NewKey) -> Result<(KeyRecord, String), OpsError> {
+pub async fn create(
+    store: &SharedStore,
+    cfg: &Config,
+    n: NewKey,
+) -> Result<(KeyRecord, String), OpsError> {
     let mut rec = build_record(cfg, n)?;
     let (secret, digest) = cfg
         .key_format
@@ -197,12 +242,22 @@ pub async fn create(store: &SharedStore, cfg: &Config, n: NewKey) -> Result<(Key
 }
 
 /// Gives a key a new secret; the old one works for `grace` more.
-pub async fn rotate(store: &SharedStore, cfg: &Config, id: &str, grace: Duration) -> Result<(KeyRecord, String), OpsError> {
+pub async fn rotate(
+    store: &SharedStore,
+    cfg: &Config,
+    id: &str,
+    grace: Duration,
+) -> Result<(KeyRecord, String), OpsError> {
     let mut rec = store.get(id).await?.ok_or(OpsError::NotFound)?;
     let (secret, digest) = cfg
         .key_format
         .generate(&rec.kind, rec.environment)
-        .ok_or_else(|| invalid("kind", format!("key kind {:?} is no longer configured", rec.kind)))?;
+        .ok_or_else(|| {
+            invalid(
+                "kind",
+                format!("key kind {:?} is no longer configured", rec.kind),
+            )
+        })?;
     rec.last4 = last4(&secret);
     if !store.rotate(&rec, &digest, grace).await? {
         return Err(OpsError::NotFound);
@@ -263,16 +318,22 @@ pub fn apply_patch(cfg: &Config, rec: &mut KeyRecord, p: KeyPatch) -> Result<(),
     }
     if let Some(plan) = p.plan {
         if let Some(pl) = &plan
-            && !cfg.plans.contains_key(pl) {
-                return Err(invalid("plan", format!("{pl:?} is not a plan in [plans]")));
-            }
+            && !cfg.plans.contains_key(pl)
+        {
+            return Err(invalid("plan", format!("{pl:?} is not a plan in [plans]")));
+        }
         rec.plan = plan;
     }
     if let Some(s) = p.status {
         rec.status = match s.as_str() {
             "active" => KeyStatus::Active,
             "disabled" => KeyStatus::Disabled,
-            other => return Err(invalid("status", format!("{other:?}: use active or disabled"))),
+            other => {
+                return Err(invalid(
+                    "status",
+                    format!("{other:?}: use active or disabled"),
+                ));
+            }
         };
     }
     if let Some(e) = p.expires_at {
@@ -298,7 +359,12 @@ pub fn apply_patch(cfg: &Config, rec: &mut KeyRecord, p: KeyPatch) -> Result<(),
 }
 
 /// Reads, patches and writes a key.
-pub async fn patch(store: &SharedStore, cfg: &Config, id: &str, p: KeyPatch) -> Result<KeyRecord, OpsError> {
+pub async fn patch(
+    store: &SharedStore,
+    cfg: &Config,
+    id: &str,
+    p: KeyPatch,
+) -> Result<KeyRecord, OpsError> {
     let mut rec = store.get(id).await?.ok_or(OpsError::NotFound)?;
     apply_patch(cfg, &mut rec, p)?;
     if !store.update(&rec).await? {
@@ -309,5 +375,9 @@ pub async fn patch(store: &SharedStore, cfg: &Config, id: &str, p: KeyPatch) -> 
 
 /// Deletes a key.
 pub async fn revoke(store: &SharedStore, id: &str) -> Result<(), OpsError> {
-    if store.delete(id).await? { Ok(()) } else { Err(OpsError::NotFound) }
+    if store.delete(id).await? {
+        Ok(())
+    } else {
+        Err(OpsError::NotFound)
+    }
 }

@@ -16,8 +16,14 @@ use tokio::sync::OnceCell;
 
 #[derive(Clone)]
 enum Entry {
-    Found { digest: Digest, record: Arc<KeyRecord>, at: Instant },
-    Missing { at: Instant },
+    Found {
+        digest: Digest,
+        record: Arc<KeyRecord>,
+        at: Instant,
+    },
+    Missing {
+        at: Instant,
+    },
 }
 
 type Lookup = Result<Option<Arc<KeyRecord>>, Arc<StoreError>>;
@@ -73,12 +79,20 @@ impl KeyCache {
     /// The record for a digest: from the cache when fresh, else from the store
     /// (one lookup however many requests wait for it). `Err` only when the
     /// store failed and no usable stale entry exists.
-    pub async fn get(&self, digest: &Digest, s: &CacheSettings) -> Result<Option<Arc<KeyRecord>>, Arc<StoreError>> {
+    pub async fn get(
+        &self,
+        digest: &Digest,
+        s: &CacheSettings,
+    ) -> Result<Option<Arc<KeyRecord>>, Arc<StoreError>> {
         let now = Instant::now();
         let mut stale = None;
         if let Some(e) = self.entries.get(digest) {
             match &*e {
-                Entry::Found { digest: d, record, at } => {
+                Entry::Found {
+                    digest: d,
+                    record,
+                    at,
+                } => {
                     let age = now.saturating_duration_since(*at);
                     if bool::from(d.ct_eq(digest)) {
                         if age < s.ttl {
@@ -99,19 +113,29 @@ impl KeyCache {
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let generation = self.generation.load(Ordering::Acquire);
-        let cell = self.inflight.entry(*digest).or_insert_with(|| Arc::new(OnceCell::new())).clone();
+        let cell = self
+            .inflight
+            .entry(*digest)
+            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .clone();
         let result = cell
             .get_or_init(|| async {
                 self.stats.lookups.fetch_add(1, Ordering::Relaxed);
                 let t = Instant::now();
                 let r = self.store.lookup(digest).await;
-                self.stats.lookup_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                self.stats
+                    .lookup_micros
+                    .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
                 match r {
                     Ok(rec) => {
                         let rec = rec.map(Arc::new);
                         if self.generation.load(Ordering::Acquire) == generation {
                             let entry = match &rec {
-                                Some(r) => Entry::Found { digest: *digest, record: r.clone(), at: Instant::now() },
+                                Some(r) => Entry::Found {
+                                    digest: *digest,
+                                    record: r.clone(),
+                                    at: Instant::now(),
+                                },
                                 None => Entry::Missing { at: Instant::now() },
                             };
                             self.entries.insert(*digest, entry);
@@ -126,7 +150,8 @@ impl KeyCache {
             })
             .await
             .clone();
-        self.inflight.remove_if(digest, |_, c| Arc::ptr_eq(c, &cell));
+        self.inflight
+            .remove_if(digest, |_, c| Arc::ptr_eq(c, &cell));
         match result {
             Err(e) => match stale {
                 Some(rec) => {
@@ -142,7 +167,8 @@ impl KeyCache {
     /// Drops every cached digest of a key id (it was changed or revoked).
     pub fn invalidate(&self, id: &str) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.entries.retain(|_, e| !matches!(e, Entry::Found { record, .. } if record.id == id));
+        self.entries
+            .retain(|_, e| !matches!(e, Entry::Found { record, .. } if record.id == id));
     }
 
     /// Drops everything (changes may have been missed).
@@ -175,7 +201,11 @@ impl KeyCache {
     /// Writes the `last_used_at` of keys used since the last call: at most one
     /// write per key per call.
     pub async fn flush_last_used(&self) -> Result<usize, StoreError> {
-        let batch: Vec<(String, Timestamp)> = self.used.iter().map(|e| (e.key().clone(), Timestamp(*e.value()))).collect();
+        let batch: Vec<(String, Timestamp)> = self
+            .used
+            .iter()
+            .map(|e| (e.key().clone(), Timestamp(*e.value())))
+            .collect();
         if batch.is_empty() {
             return Ok(0);
         }

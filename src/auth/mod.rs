@@ -26,7 +26,9 @@ pub fn check_query(query: Option<&str>, cfg: &Config) -> Result<(), GatewayError
     let Some(q) = query else { return Ok(()) };
     for pair in q.split('&') {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if QUERY_KEY_NAMES.iter().any(|n| name.eq_ignore_ascii_case(n)) || cfg.key_format.has_known_prefix(value) {
+        if QUERY_KEY_NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
+            || cfg.key_format.has_known_prefix(value)
+        {
             return Err(GatewayError::KeyInQuery);
         }
     }
@@ -39,11 +41,17 @@ pub fn credential(h: &HeaderMap) -> Result<Option<&str>, GatewayError> {
     let mut auths = h.get_all(header::AUTHORIZATION).iter();
     let bearer = match (auths.next(), auths.next()) {
         (None, _) => None,
-        (Some(_), Some(_)) => return Err(GatewayError::BadRequest("more than one Authorization header")),
+        (Some(_), Some(_)) => {
+            return Err(GatewayError::BadRequest(
+                "more than one Authorization header",
+            ));
+        }
         (Some(v), None) => {
             let s = v.to_str().map_err(|_| GatewayError::InvalidApiKey)?;
             match s.split_once(' ') {
-                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Some(token.trim()),
+                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                    Some(token.trim())
+                }
                 _ => None,
             }
         }
@@ -51,11 +59,15 @@ pub fn credential(h: &HeaderMap) -> Result<Option<&str>, GatewayError> {
     let mut keys = h.get_all(names::X_API_KEY).iter();
     let header_key = match (keys.next(), keys.next()) {
         (None, _) => None,
-        (Some(_), Some(_)) => return Err(GatewayError::BadRequest("more than one X-API-Key header")),
+        (Some(_), Some(_)) => {
+            return Err(GatewayError::BadRequest("more than one X-API-Key header"));
+        }
         (Some(v), None) => Some(v.to_str().map_err(|_| GatewayError::InvalidApiKey)?.trim()),
     };
     match (bearer, header_key) {
-        (Some(a), Some(b)) if a != b => Err(GatewayError::BadRequest("two different API keys in one request")),
+        (Some(a), Some(b)) if a != b => Err(GatewayError::BadRequest(
+            "two different API keys in one request",
+        )),
         (Some(a), _) => Ok(Some(a)),
         (None, b) => Ok(b),
     }
@@ -72,9 +84,16 @@ pub struct AuthInput<'a> {
 }
 
 /// Authenticates and authorises a request on a keyed route.
-pub async fn authenticate(input: &AuthInput<'_>, cfg: &Config, keys: &KeyCache) -> Result<Identity, GatewayError> {
+pub async fn authenticate(
+    input: &AuthInput<'_>,
+    cfg: &Config,
+    keys: &KeyCache,
+) -> Result<Identity, GatewayError> {
     let secret = credential(input.headers)?.ok_or(GatewayError::MissingApiKey)?;
-    let parsed = cfg.key_format.parse(secret).ok_or(GatewayError::InvalidApiKey)?;
+    let parsed = cfg
+        .key_format
+        .parse(secret)
+        .ok_or(GatewayError::InvalidApiKey)?;
     let record = keys
         .get(&parsed.digest, &cfg.cache)
         .await
@@ -86,7 +105,11 @@ pub async fn authenticate(input: &AuthInput<'_>, cfg: &Config, keys: &KeyCache) 
 }
 
 /// The checks on a found key, in the order of DESIGN.md's table.
-pub fn authorize(key: &KeyRecord, input: &AuthInput<'_>, presented_kind: &str) -> Result<(), GatewayError> {
+pub fn authorize(
+    key: &KeyRecord,
+    input: &AuthInput<'_>,
+    presented_kind: &str,
+) -> Result<(), GatewayError> {
     if key.status != KeyStatus::Active {
         return Err(GatewayError::KeyInactive);
     }
@@ -98,9 +121,13 @@ pub fn authorize(key: &KeyRecord, input: &AuthInput<'_>, presented_kind: &str) -
         return Err(GatewayError::KeyKindNotAllowed);
     }
     if !key.allowed_routes.is_empty() && !key.allowed_routes.iter().any(|r| **r == *route.name) {
-        return Err(GatewayError::Forbidden(format!("this API key may not call route {}", route.name)));
+        return Err(GatewayError::Forbidden(format!(
+            "this API key may not call route {}",
+            route.name
+        )));
     }
-    if !key.allowed_ips.is_empty() && !key.allowed_ips.iter().any(|n| n.contains(&input.client_ip)) {
+    if !key.allowed_ips.is_empty() && !key.allowed_ips.iter().any(|n| n.contains(&input.client_ip))
+    {
         return Err(GatewayError::IpNotAllowed);
     }
     if !key.allowed_origins.is_empty() {
@@ -125,16 +152,27 @@ pub fn holds(held: &[String], needed: &str) -> bool {
     held.iter().any(|p| {
         p == "*"
             || p == needed
-            || p.strip_suffix(".*").is_some_and(|pre| needed.len() > pre.len() + 1 && needed.starts_with(pre) && needed.as_bytes()[pre.len()] == b'.')
+            || p.strip_suffix(".*").is_some_and(|pre| {
+                needed.len() > pre.len() + 1
+                    && needed.starts_with(pre)
+                    && needed.as_bytes()[pre.len()] == b'.'
+            })
     })
 }
 
 /// The host of `Origin`, else of `Referer`.
 pub fn request_origin_host(h: &HeaderMap) -> Option<&str> {
-    let v = h.get(header::ORIGIN).or_else(|| h.get(header::REFERER))?.to_str().ok()?;
+    let v = h
+        .get(header::ORIGIN)
+        .or_else(|| h.get(header::REFERER))?
+        .to_str()
+        .ok()?;
     let rest = v.split_once("://").map(|(_, r)| r).unwrap_or(v);
     let authority = rest.split(['/', '?', '#']).next()?;
-    let host = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+    let host = authority
+        .rsplit_once('@')
+        .map(|(_, h)| h)
+        .unwrap_or(authority);
     let host = if host.starts_with('[') {
         host.split_once(']').map(|(h, _)| &h[1..])?
     } else {
@@ -176,7 +214,10 @@ mod tests {
     #[test]
     fn origins() {
         let mut h = HeaderMap::new();
-        h.insert(header::ORIGIN, "https://app.example.com:8443".parse().unwrap());
+        h.insert(
+            header::ORIGIN,
+            "https://app.example.com:8443".parse().unwrap(),
+        );
         assert_eq!(request_origin_host(&h), Some("app.example.com"));
         assert!(origin_matches("app.example.com", "app.example.com"));
         assert!(origin_matches("https://app.example.com", "APP.example.com"));
@@ -185,7 +226,10 @@ mod tests {
         assert!(!origin_matches("*.example.com", "evilexample.com"));
         assert!(!origin_matches("example.com", "localhost"));
         let mut h = HeaderMap::new();
-        h.insert(header::REFERER, "http://localhost:3000/page?x=1".parse().unwrap());
+        h.insert(
+            header::REFERER,
+            "http://localhost:3000/page?x=1".parse().unwrap(),
+        );
         assert_eq!(request_origin_host(&h), Some("localhost"));
     }
 
@@ -196,7 +240,11 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
         assert_eq!(credential(&h).unwrap(), Some("abc"));
         h.insert("x-api-key", "abc".parse().unwrap());
-        assert_eq!(credential(&h).unwrap(), Some("abc"), "the same key twice is not ambiguous");
+        assert_eq!(
+            credential(&h).unwrap(),
+            Some("abc"),
+            "the same key twice is not ambiguous"
+        );
         h.insert("x-api-key", "def".parse().unwrap());
         assert!(matches!(credential(&h), Err(GatewayError::BadRequest(_))));
     }

@@ -59,6 +59,8 @@ pub struct ServerFile {
     #[serde(default)]
     pub max_in_flight: Option<usize>,
     #[serde(default)]
+    pub workers: Option<usize>,
+    #[serde(default)]
     pub http2_max_concurrent_streams: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     pub shutdown_grace: Option<Duration>,

@@ -39,7 +39,10 @@ pub fn source_offset(subs: &[Substitution], offset: usize) -> usize {
 }
 
 /// Replaces every `${NAME}` inside string values using `lookup`.
-pub fn interpolate(src: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, Vec<Unresolved>> {
+pub fn interpolate(
+    src: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, Vec<Unresolved>> {
     interpolate_mapped(src, lookup).map(|(s, _)| s)
 }
 
@@ -84,10 +87,9 @@ pub fn interpolate_mapped(
                     st = St::Literal;
                 }
             }
-            St::Comment
-                if c == b'\n' => {
-                    st = St::Code;
-                }
+            St::Comment if c == b'\n' => {
+                st = St::Code;
+            }
             St::Basic | St::MultiBasic if c == b'\\' => {
                 i += 2;
                 continue;
@@ -104,16 +106,25 @@ pub fn interpolate_mapped(
                 i += 3;
                 continue;
             }
-            St::Basic | St::Literal | St::MultiBasic | St::MultiLiteral if c == b'$' && b.get(i + 1) == Some(&b'{') => {
+            St::Basic | St::Literal | St::MultiBasic | St::MultiLiteral
+                if c == b'$' && b.get(i + 1) == Some(&b'{') =>
+            {
                 let Some(close) = src[i + 2..].find('}') else {
-                    errs.push(Unresolved { offset: i, message: "unterminated ${…}".into() });
+                    errs.push(Unresolved {
+                        offset: i,
+                        message: "unterminated ${…}".into(),
+                    });
                     i += 2;
                     continue;
                 };
                 let name = &src[i + 2..i + 2 + close];
-                let valid = !name.is_empty() && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
+                let valid = !name.is_empty()
+                    && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
                 if !valid {
-                    errs.push(Unresolved { offset: i, message: format!("invalid variable name {name:?} in ${{…}}") });
+                    errs.push(Unresolved {
+                        offset: i,
+                        message: format!("invalid variable name {name:?} in ${{…}}"),
+                    });
                 } else {
                     match lookup(name) {
                         Some(v) if v.contains('\n') => errs.push(Unresolved {
@@ -134,7 +145,10 @@ pub fn interpolate_mapped(
                             } else {
                                 out.push_str(&v.replace('\\', "\\\\").replace('"', "\\\""));
                             }
-                            subs.push(Substitution { source: (i, i + 3 + close), result: (start, out.len()) });
+                            subs.push(Substitution {
+                                source: (i, i + 3 + close),
+                                result: (start, out.len()),
+                            });
                             copied = i + 3 + close;
                         }
                         None => errs.push(Unresolved {
@@ -151,7 +165,11 @@ pub fn interpolate_mapped(
         i += 1;
     }
     out.push_str(&src[copied..]);
-    if errs.is_empty() { Ok((out, subs)) } else { Err(errs) }
+    if errs.is_empty() {
+        Ok((out, subs))
+    } else {
+        Err(errs)
+    }
 }
 
 #[cfg(test)]
@@ -187,7 +205,10 @@ mod tests {
 
     #[test]
     fn leaves_comments_alone_and_reports_missing_with_offset() {
-        assert_eq!(interpolate("# ${NOPE}\na = 1\n", env).unwrap(), "# ${NOPE}\na = 1\n");
+        assert_eq!(
+            interpolate("# ${NOPE}\na = 1\n", env).unwrap(),
+            "# ${NOPE}\na = 1\n"
+        );
         let e = interpolate("a = \"x\"\nb = \"${NOPE}\"\n", env).unwrap_err();
         assert_eq!(e[0].offset, 13);
         assert!(e[0].message.contains("NOPE is not set"));

@@ -7,7 +7,9 @@ pub mod file;
 pub mod interp;
 
 use crate::keys::Environment;
-use crate::keys::format::{CHECKSUM_LEN, DEFAULT_RANDOM_LEN, KeyFormat, MIN_RANDOM_LEN, PrefixRule};
+use crate::keys::format::{
+    CHECKSUM_LEN, DEFAULT_RANDOM_LEN, KeyFormat, MIN_RANDOM_LEN, PrefixRule,
+};
 use crate::router::Router;
 use file::*;
 use http::{Method, Uri};
@@ -49,7 +51,14 @@ impl fmt::Display for ConfigError {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "{}:{}:{}: {}", self.file.display(), d.line, d.col, d.message)?;
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                d.line,
+                d.col,
+                d.message
+            )?;
         }
         Ok(())
     }
@@ -85,6 +94,9 @@ pub struct Server {
     pub max_connections: usize,
     /// Most requests in flight (default 10000); more are shed with 503 OVERLOADED.
     pub max_in_flight: usize,
+    /// Worker threads serving the public listener, each with its own event
+    /// loop and `SO_REUSEPORT` socket, as nginx workers (default: one per CPU).
+    pub workers: usize,
     /// HTTP/2 streams per connection (default 100).
     pub http2_max_concurrent_streams: u32,
     /// How long in-flight requests may run after SIGTERM (default 30s).
@@ -323,14 +335,26 @@ impl Config {
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_path_buf(),
-        diagnostics: vec![Diagnostic { line: 1, col: 1, message: format!("cannot read the file: {e}") }],
+        diagnostics: vec![Diagnostic {
+            line: 1,
+            col: 1,
+            message: format!("cannot read the file: {e}"),
+        }],
     })?;
     parse(path, &text, |k| std::env::var(k).ok())
 }
 
 /// Parses and validates config text (`path` is used in messages and to resolve relative paths).
-pub fn parse(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-    let mut v = Validator { text, subs: Vec::new(), diags: Vec::new() };
+pub fn parse(
+    path: &Path,
+    text: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut v = Validator {
+        text,
+        subs: Vec::new(),
+        diags: Vec::new(),
+    };
     let (interpolated, subs) = match interp::interpolate_mapped(text, env) {
         Ok(x) => x,
         Err(errs) => {
@@ -388,17 +412,30 @@ impl Validator<'_> {
                 let before = self.text.get(..off).unwrap_or(self.text);
                 let line = before.matches('\n').count() + 1;
                 let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-                Diagnostic { line, col, message: msg.clone() }
+                Diagnostic {
+                    line,
+                    col,
+                    message: msg.clone(),
+                }
             })
             .collect();
-        ConfigError { file: path.to_path_buf(), diagnostics }
+        ConfigError {
+            file: path.to_path_buf(),
+            diagnostics,
+        }
     }
 
     fn addr(&mut self, s: &Spanned<String>, what: &str) -> Option<SocketAddr> {
         match s.get_ref().parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                self.err(s, format!("{what}: {:?} is not an address such as 0.0.0.0:8443", s.get_ref()));
+                self.err(
+                    s,
+                    format!(
+                        "{what}: {:?} is not an address such as 0.0.0.0:8443",
+                        s.get_ref()
+                    ),
+                );
                 None
             }
         }
@@ -431,7 +468,10 @@ impl Validator<'_> {
                 return None;
             }
             other => {
-                self.err(l, format!("unknown limit scope {other:?}: use key, workspace or route"));
+                self.err(
+                    l,
+                    format!("unknown limit scope {other:?}: use key, workspace or route"),
+                );
                 return None;
             }
         };
@@ -443,7 +483,11 @@ impl Validator<'_> {
             self.err(l, "per must be between 1s and 30d");
             return None;
         }
-        Some(Limit { scope, requests: f.requests, per: f.per })
+        Some(Limit {
+            scope,
+            requests: f.requests,
+            per: f.per,
+        })
     }
 
     fn target(&mut self, s: &Spanned<String>, upstream: &str) -> Option<Uri> {
@@ -458,11 +502,23 @@ impl Validator<'_> {
                 Some(u)
             }
             Ok(u) if !matches!(u.scheme_str(), Some("http" | "https")) => {
-                self.err(s, format!("upstream {upstream}: target {:?} must be an http:// or https:// URL", s.get_ref()));
+                self.err(
+                    s,
+                    format!(
+                        "upstream {upstream}: target {:?} must be an http:// or https:// URL",
+                        s.get_ref()
+                    ),
+                );
                 None
             }
             _ => {
-                self.err(s, format!("upstream {upstream}: target {:?} must be scheme://host:port with no path", s.get_ref()));
+                self.err(
+                    s,
+                    format!(
+                        "upstream {upstream}: target {:?} must be scheme://host:port with no path",
+                        s.get_ref()
+                    ),
+                );
                 None
             }
         }
@@ -478,7 +534,13 @@ impl Validator<'_> {
         for p in &s.trusted_proxies {
             match parse_net(p.get_ref()) {
                 Some(n) => trusted_proxies.push(n),
-                None => self.err(p, format!("trusted_proxies: {:?} is not an IP address or CIDR", p.get_ref())),
+                None => self.err(
+                    p,
+                    format!(
+                        "trusted_proxies: {:?} is not an IP address or CIDR",
+                        p.get_ref()
+                    ),
+                ),
             }
         }
         let server = Server {
@@ -490,20 +552,42 @@ impl Validator<'_> {
             max_body_bytes: s.max_body_bytes.unwrap_or(10 * 1024 * 1024),
             max_connections: s.max_connections.unwrap_or(10_000).max(1),
             max_in_flight: s.max_in_flight.unwrap_or(10_000).max(1),
+            workers: s
+                .workers
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(1)
+                })
+                .clamp(1, 256),
             http2_max_concurrent_streams: s.http2_max_concurrent_streams.unwrap_or(100).max(1),
             shutdown_grace: dur(s.shutdown_grace, "30s"),
             trusted_proxies,
         };
         // [admin]
-        let a = f.admin.unwrap_or(AdminFile { listen: None, token: None, tls: None });
+        let a = f.admin.unwrap_or(AdminFile {
+            listen: None,
+            token: None,
+            tls: None,
+        });
         let admin_listen = match &a.listen {
-            Some(l) => self.addr(l, "admin.listen").unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901))),
+            Some(l) => self
+                .addr(l, "admin.listen")
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901))),
             None => SocketAddr::from(([127, 0, 0, 1], 9901)),
         };
         let token = a.token.map(Spanned::into_inner).filter(|t| !t.is_empty());
-        let admin = Admin { listen: admin_listen, token, tls: self.tls(a.tls, &base), explicit: a.listen.is_some() };
+        let admin = Admin {
+            listen: admin_listen,
+            token,
+            tls: self.tls(a.tls, &base),
+            explicit: a.listen.is_some(),
+        };
         // [store]
-        let st = f.store.unwrap_or(StoreFile { url: None, timeout: None });
+        let st = f.store.unwrap_or(StoreFile {
+            url: None,
+            timeout: None,
+        });
         let url = match st.url {
             Some(u) => {
                 let raw = u.get_ref();
@@ -512,20 +596,38 @@ impl Validator<'_> {
                         self.err(&u, "store.url: sqlite:// needs a file path");
                     }
                     let p = Path::new(p);
-                    let p = if p.is_relative() { base.join(p) } else { p.to_path_buf() };
+                    let p = if p.is_relative() {
+                        base.join(p)
+                    } else {
+                        p.to_path_buf()
+                    };
                     format!("sqlite://{}", p.display())
-                } else if raw.starts_with("redis://") || raw.starts_with("rediss://") || raw.starts_with("redis+cluster://") {
+                } else if raw.starts_with("redis://")
+                    || raw.starts_with("rediss://")
+                    || raw.starts_with("redis+cluster://")
+                {
                     raw.clone()
                 } else {
-                    self.err(&u, "store.url must start with sqlite://, redis:// or redis+cluster://");
+                    self.err(
+                        &u,
+                        "store.url must start with sqlite://, redis:// or redis+cluster://",
+                    );
                     raw.clone()
                 }
             }
             None => format!("sqlite://{}", base.join("data/portcullis.db").display()),
         };
-        let store = Store { url, timeout: dur(st.timeout, "500ms") };
+        let store = Store {
+            url,
+            timeout: dur(st.timeout, "500ms"),
+        };
         // [cache]
-        let c = f.cache.unwrap_or(CacheFile { ttl: None, negative_ttl: None, stale_if_error: None, last_used_interval: None });
+        let c = f.cache.unwrap_or(CacheFile {
+            ttl: None,
+            negative_ttl: None,
+            stale_if_error: None,
+            last_used_interval: None,
+        });
         let cache = Cache {
             ttl: dur(c.ttl, "30s"),
             negative_ttl: dur(c.negative_ttl, "5s"),
@@ -545,20 +647,31 @@ impl Validator<'_> {
             Some((_, "redis")) => RateLimitMode::Redis,
             Some((_, "hybrid")) => RateLimitMode::Hybrid,
             Some((m, other)) => {
-                self.err(m, format!("rate_limit.mode {other:?}: use local, redis or hybrid"));
+                self.err(
+                    m,
+                    format!("rate_limit.mode {other:?}: use local, redis or hybrid"),
+                );
                 RateLimitMode::Local
             }
         };
-        if mode != RateLimitMode::Local && !store.url.starts_with("redis")
-            && let Some(m) = &r.mode {
-                self.err(m, "rate_limit.mode redis and hybrid need a redis:// or redis+cluster:// store.url");
-            }
+        if mode != RateLimitMode::Local
+            && !store.url.starts_with("redis")
+            && let Some(m) = &r.mode
+        {
+            self.err(
+                m,
+                "rate_limit.mode redis and hybrid need a redis:// or redis+cluster:// store.url",
+            );
+        }
         let on_store_error = match r.on_store_error.as_ref().map(|m| (m, m.get_ref().as_str())) {
             None | Some((_, "local")) => OnStoreError::Local,
             Some((_, "deny")) => OnStoreError::Deny,
             Some((_, "allow")) => OnStoreError::Allow,
             Some((m, other)) => {
-                self.err(m, format!("rate_limit.on_store_error {other:?}: use local, deny or allow"));
+                self.err(
+                    m,
+                    format!("rate_limit.on_store_error {other:?}: use local, deny or allow"),
+                );
                 OnStoreError::Local
             }
         };
@@ -572,24 +685,41 @@ impl Validator<'_> {
         // [plans.*]
         let mut plans = HashMap::new();
         for (name, p) in &f.plans {
-            let limits: Vec<Limit> = p.limits.iter().filter_map(|l| self.limit(l, false)).collect();
+            let limits: Vec<Limit> = p
+                .limits
+                .iter()
+                .filter_map(|l| self.limit(l, false))
+                .collect();
             plans.insert(name.clone(), Arc::from(limits));
         }
         // [key_kinds.*], on top of the defaults
         let mut kinds: BTreeMap<String, (String, String, usize)> = BTreeMap::new();
         let dl = DEFAULT_RANDOM_LEN + CHECKSUM_LEN;
-        kinds.insert("secret".into(), ("sk_live_".into(), "sk_test_".into(), dl + 8));
-        kinds.insert("public".into(), ("pk_live_".into(), "pk_test_".into(), dl + 8));
+        kinds.insert(
+            "secret".into(),
+            ("sk_live_".into(), "sk_test_".into(), dl + 8),
+        );
+        kinds.insert(
+            "public".into(),
+            ("pk_live_".into(), "pk_test_".into(), dl + 8),
+        );
         for (name, k) in &f.key_kinds {
             let kf = k.get_ref();
             let longest = kf.prefixes.live.len().max(kf.prefixes.test.len());
             for p in [&kf.prefixes.live, &kf.prefixes.test] {
-                if p.is_empty() || !p.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-') {
+                if p.is_empty()
+                    || !p
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+                {
                     self.err(k, format!("key_kinds.{name}: prefix {p:?} must be non-empty letters, digits, _ or -"));
                 }
             }
             if kf.prefixes.live == kf.prefixes.test {
-                self.err(k, format!("key_kinds.{name}: live and test prefixes must differ"));
+                self.err(
+                    k,
+                    format!("key_kinds.{name}: live and test prefixes must differ"),
+                );
             }
             let length = kf.length.unwrap_or(longest + dl);
             if length < longest + MIN_RANDOM_LEN + CHECKSUM_LEN {
@@ -601,19 +731,38 @@ impl Validator<'_> {
                     ),
                 );
             }
-            kinds.insert(name.clone(), (kf.prefixes.live.clone(), kf.prefixes.test.clone(), length));
+            kinds.insert(
+                name.clone(),
+                (kf.prefixes.live.clone(), kf.prefixes.test.clone(), length),
+            );
         }
         let mut rules = Vec::new();
         for (name, (live, test, length)) in &kinds {
             let kind: Arc<str> = Arc::from(name.as_str());
-            rules.push(PrefixRule { kind: kind.clone(), environment: Environment::Live, prefix: live.clone(), length: *length });
-            rules.push(PrefixRule { kind, environment: Environment::Test, prefix: test.clone(), length: *length });
+            rules.push(PrefixRule {
+                kind: kind.clone(),
+                environment: Environment::Live,
+                prefix: live.clone(),
+                length: *length,
+            });
+            rules.push(PrefixRule {
+                kind,
+                environment: Environment::Test,
+                prefix: test.clone(),
+                length: *length,
+            });
         }
         for (i, a) in rules.iter().enumerate() {
             for b in &rules[i + 1..] {
                 if a.prefix.starts_with(&b.prefix) || b.prefix.starts_with(&a.prefix) {
-                    let at = f.key_kinds.get(&*a.kind).or_else(|| f.key_kinds.get(&*b.kind));
-                    let msg = format!("key prefixes {:?} and {:?} overlap: each prefix must name one kind", a.prefix, b.prefix);
+                    let at = f
+                        .key_kinds
+                        .get(&*a.kind)
+                        .or_else(|| f.key_kinds.get(&*b.kind));
+                    let msg = format!(
+                        "key prefixes {:?} and {:?} overlap: each prefix must name one kind",
+                        a.prefix, b.prefix
+                    );
                     match at {
                         Some(k) => self.err(k, msg),
                         None => self.err_at(0, msg),
@@ -627,10 +776,21 @@ impl Validator<'_> {
         for (name, u) in &f.upstreams {
             let uf = u.get_ref();
             if uf.targets.is_empty() {
-                self.err(u, format!("upstream {name}: targets must list at least one URL"));
+                self.err(
+                    u,
+                    format!("upstream {name}: targets must list at least one URL"),
+                );
             }
-            let targets = uf.targets.iter().filter_map(|t| self.target(t, name)).collect();
-            let test_targets = uf.test_targets.iter().filter_map(|t| self.target(t, name)).collect();
+            let targets = uf
+                .targets
+                .iter()
+                .filter_map(|t| self.target(t, name))
+                .collect();
+            let test_targets = uf
+                .test_targets
+                .iter()
+                .filter_map(|t| self.target(t, name))
+                .collect();
             upstreams.insert(
                 name.clone(),
                 Upstream {
@@ -658,7 +818,13 @@ impl Validator<'_> {
                 self.err(&rf.name, format!("route name {name:?} is used twice"));
             }
             if !f.upstreams.contains_key(rf.upstream.get_ref()) {
-                self.err(&rf.upstream, format!("route {name}: upstream {:?} is not defined in [upstreams]", rf.upstream.get_ref()));
+                self.err(
+                    &rf.upstream,
+                    format!(
+                        "route {name}: upstream {:?} is not defined in [upstreams]",
+                        rf.upstream.get_ref()
+                    ),
+                );
             }
             let methods = match &rf.methods {
                 None => None,
@@ -668,7 +834,9 @@ impl Validator<'_> {
                     for m in ms.get_ref() {
                         match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
                             Ok(mm) => out.push(mm),
-                            Err(_) => self.err(ms, format!("route {name}: {m:?} is not an HTTP method")),
+                            Err(_) => {
+                                self.err(ms, format!("route {name}: {m:?} is not an HTTP method"))
+                            }
                         }
                     }
                     if out.is_empty() {
@@ -682,7 +850,12 @@ impl Validator<'_> {
                 Some(k) => {
                     for kind in k.get_ref() {
                         if !kinds.contains_key(kind) {
-                            self.err(k, format!("route {name}: key kind {kind:?} is not defined in [key_kinds]"));
+                            self.err(
+                                k,
+                                format!(
+                                    "route {name}: key kind {kind:?} is not defined in [key_kinds]"
+                                ),
+                            );
                         }
                     }
                     k.get_ref().clone()
@@ -692,16 +865,28 @@ impl Validator<'_> {
                 None | Some((_, "key")) => AuthMode::Key,
                 Some((_, "none")) => AuthMode::None,
                 Some((a, other)) => {
-                    self.err(a, format!("route {name}: auth {other:?}: use \"key\" or \"none\""));
+                    self.err(
+                        a,
+                        format!("route {name}: auth {other:?}: use \"key\" or \"none\""),
+                    );
                     AuthMode::Key
                 }
             };
             for p in &rf.permissions {
                 if !valid_permission(p) {
-                    self.err(r, format!("route {name}: permission {p:?} is not a dotted name such as sms.send"));
+                    self.err(
+                        r,
+                        format!(
+                            "route {name}: permission {p:?} is not a dotted name such as sms.send"
+                        ),
+                    );
                 }
             }
-            let limits = rf.limits.iter().filter_map(|l| self.limit(l, true)).collect();
+            let limits = rf
+                .limits
+                .iter()
+                .filter_map(|l| self.limit(l, true))
+                .collect();
             if let Err(msg) = crate::router::check_pattern(rf.path.get_ref()) {
                 self.err(&rf.path, format!("route {name}: {msg}"));
             }
@@ -731,7 +916,10 @@ impl Validator<'_> {
             return None;
         };
         // [log]
-        let lf = f.log.unwrap_or(LogFile { level: None, format: None });
+        let lf = f.log.unwrap_or(LogFile {
+            level: None,
+            format: None,
+        });
         let format = match lf.format.as_ref().map(|m| (m, m.get_ref().as_str())) {
             None | Some((_, "human")) => LogFormat::Human,
             Some((_, "json")) => LogFormat::Json,
@@ -753,14 +941,19 @@ impl Validator<'_> {
             routes,
             router,
             self_service: f.self_service.map(|s| s.enabled).unwrap_or(false),
-            log: Log { level: lf.level.unwrap_or_else(|| "info".into()), format },
+            log: Log {
+                level: lf.level.unwrap_or_else(|| "info".into()),
+                format,
+            },
         })
     }
 }
 
 /// An IP address (as a /32 or /128) or a CIDR.
 pub fn parse_net(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>().ok().or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
 }
 
 /// A permission is a dotted name (`sms.send`), optionally ending in `.*`, or `*`.
@@ -771,7 +964,10 @@ pub fn valid_permission(p: &str) -> bool {
     let body = p.strip_suffix(".*").unwrap_or(p);
     !body.is_empty()
         && body.split('.').all(|seg| {
-            !seg.is_empty() && seg.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+            !seg.is_empty()
+                && seg
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
         })
 }
 

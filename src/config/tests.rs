@@ -47,7 +47,11 @@ limits = [{ scope = "route", requests = 10, per = "1s" }]
     .unwrap();
     assert_eq!(c.admin.token.as_deref(), Some("tok"));
     assert_eq!(c.plan_limits(None).len(), 2);
-    assert_eq!(c.plan_limits(Some("nope")).len(), 2, "unknown plan falls back to default");
+    assert_eq!(
+        c.plan_limits(Some("nope")).len(),
+        2,
+        "unknown plan falls back to default"
+    );
     assert_eq!(c.routes[0].limits[0].per, Duration::from_secs(1));
     assert_eq!(c.cache.negative_ttl, Duration::from_secs(5));
     assert_eq!(c.server.max_header_bytes, 16 * 1024);
@@ -62,8 +66,13 @@ fn unknown_key_names_line_and_column() {
 
 #[test]
 fn route_to_unknown_upstream() {
-    let e = errors(&with("[[routes]]\nname = \"x\"\npath = \"/x\"\nupstream = \"nowhere\"\n"));
-    assert!(e.contains(":9:12: route x: upstream \"nowhere\" is not defined in [upstreams]"), "{e}");
+    let e = errors(&with(
+        "[[routes]]\nname = \"x\"\npath = \"/x\"\nupstream = \"nowhere\"\n",
+    ));
+    assert!(
+        e.contains(":9:12: route x: upstream \"nowhere\" is not defined in [upstreams]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -71,58 +80,95 @@ fn duplicate_method_and_path() {
     let e = errors(&with(
         "[[routes]]\nname = \"a\"\nmethods = [\"GET\"]\npath = \"/x\"\nupstream = \"sms\"\n[[routes]]\nname = \"b\"\nmethods = [\"GET\"]\npath = \"/x\"\nupstream = \"sms\"\n",
     ));
-    assert!(e.contains("route b: another route already serves GET /x"), "{e}");
+    assert!(
+        e.contains("route b: another route already serves GET /x"),
+        "{e}"
+    );
     assert!(e.contains(":14:8:"), "{e}");
 }
 
 #[test]
 fn malformed_path_pattern() {
-    let e = errors(&with("[[routes]]\nname = \"a\"\npath = \"/x/*rest/y\"\nupstream = \"sms\"\n"));
-    assert!(e.contains("route a: path \"/x/*rest/y\": a /*tail must be the last segment"), "{e}");
+    let e = errors(&with(
+        "[[routes]]\nname = \"a\"\npath = \"/x/*rest/y\"\nupstream = \"sms\"\n",
+    ));
+    assert!(
+        e.contains("route a: path \"/x/*rest/y\": a /*tail must be the last segment"),
+        "{e}"
+    );
 }
 
 #[test]
 fn upstream_url_must_be_http() {
-    let e = errors("[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.x]\ntargets = [\"ftp://h:1\"]\n");
-    assert!(e.contains(":4:12: upstream x: target \"ftp://h:1\" must be an http:// or https:// URL"), "{e}");
+    let e =
+        errors("[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.x]\ntargets = [\"ftp://h:1\"]\n");
+    assert!(
+        e.contains(":4:12: upstream x: target \"ftp://h:1\" must be an http:// or https:// URL"),
+        "{e}"
+    );
 }
 
 #[test]
 fn missing_cert_file() {
-    let e = errors("[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\ncert = \"/nope/cert.pem\"\nkey = \"/nope/key.pem\"\n");
-    assert!(e.contains(":4:8: TLS certificate file /nope/cert.pem does not exist"), "{e}");
-    assert!(e.contains(":5:7: TLS key file /nope/key.pem does not exist"), "{e}");
+    let e = errors(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\ncert = \"/nope/cert.pem\"\nkey = \"/nope/key.pem\"\n",
+    );
+    assert!(
+        e.contains(":4:8: TLS certificate file /nope/cert.pem does not exist"),
+        "{e}"
+    );
+    assert!(
+        e.contains(":5:7: TLS key file /nope/key.pem does not exist"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unset_environment_variable() {
     let e = errors(&with("[admin]\ntoken = \"${NOT_SET_ANYWHERE}\"\n"));
-    assert!(e.contains(":7:10: environment variable NOT_SET_ANYWHERE is not set"), "{e}");
+    assert!(
+        e.contains(":7:10: environment variable NOT_SET_ANYWHERE is not set"),
+        "{e}"
+    );
 }
 
 #[test]
 fn bad_duration_and_limits() {
     let e = errors(&with("[cache]\nttl = \"soon\"\n"));
     assert!(e.contains(":7:7:"), "{e}");
-    let e = errors(&with("[plans.p]\nlimits = [{ scope = \"planet\", requests = 1, per = \"1s\" }]\n"));
+    let e = errors(&with(
+        "[plans.p]\nlimits = [{ scope = \"planet\", requests = 1, per = \"1s\" }]\n",
+    ));
     assert!(e.contains("unknown limit scope \"planet\""), "{e}");
-    let e = errors(&with("[plans.p]\nlimits = [{ scope = \"key\", requests = 1, per = \"31d\" }]\n"));
+    let e = errors(&with(
+        "[plans.p]\nlimits = [{ scope = \"key\", requests = 1, per = \"31d\" }]\n",
+    ));
     assert!(e.contains("per must be between 1s and 30d"), "{e}");
 }
 
 #[test]
 fn key_kinds_configurable_and_checked() {
-    let c = load_str(&with("[key_kinds.vonage]\nprefixes = { live = \"vlk_\", test = \"vlt_\" }\nlength = 52\n")).unwrap();
+    let c = load_str(&with(
+        "[key_kinds.vonage]\nprefixes = { live = \"vlk_\", test = \"vlt_\" }\nlength = 52\n",
+    ))
+    .unwrap();
     let (s, _) = c.key_format.generate("vonage", Environment::Live).unwrap();
     assert!(s.starts_with("vlk_") && s.len() == 52);
-    let e = errors(&with("[key_kinds.short]\nprefixes = { live = \"s_\", test = \"t_\" }\nlength = 20\n"));
+    let e = errors(&with(
+        "[key_kinds.short]\nprefixes = { live = \"s_\", test = \"t_\" }\nlength = 20\n",
+    ));
     assert!(e.contains("length 20 is too short"), "{e}");
-    let e = errors(&with("[key_kinds.clash]\nprefixes = { live = \"sk_\", test = \"ct_\" }\n"));
+    let e = errors(&with(
+        "[key_kinds.clash]\nprefixes = { live = \"sk_\", test = \"ct_\" }\n",
+    ));
     assert!(e.contains("overlap"), "{e}");
 }
 
 #[test]
 fn redis_modes_need_a_redis_store() {
     let e = errors(&with("[rate_limit]\nmode = \"redis\"\n"));
-    assert!(e.contains("need a redis:// or redis+cluster:// store.url"), "{e}");
+    assert!(
+        e.contains("need a redis:// or redis+cluster:// store.url"),
+        "{e}"
+    );
 }

@@ -61,7 +61,9 @@ impl KeyFormat {
 
     /// The rule for a kind and environment.
     pub fn rule(&self, kind: &str, env: Environment) -> Option<&PrefixRule> {
-        self.rules.iter().find(|r| &*r.kind == kind && r.environment == env)
+        self.rules
+            .iter()
+            .find(|r| &*r.kind == kind && r.environment == env)
     }
 
     /// Whether `s` starts with any configured prefix (used to spot keys in query strings).
@@ -103,7 +105,10 @@ impl KeyFormat {
         if !bool::from(subtle::ConstantTimeEq::ct_eq(&want[..], sum)) {
             return None;
         }
-        Some(ParsedKey { rule, digest: digest_of(key) })
+        Some(ParsedKey {
+            rule,
+            digest: digest_of(key),
+        })
     }
 }
 
@@ -146,9 +151,24 @@ mod tests {
 
     fn fmt() -> KeyFormat {
         KeyFormat::new(vec![
-            PrefixRule { kind: "secret".into(), environment: Environment::Live, prefix: "sk_live_".into(), length: 8 + 32 + 6 },
-            PrefixRule { kind: "secret".into(), environment: Environment::Test, prefix: "sk_test_".into(), length: 46 },
-            PrefixRule { kind: "vl".into(), environment: Environment::Live, prefix: "vlk_".into(), length: 52 },
+            PrefixRule {
+                kind: "secret".into(),
+                environment: Environment::Live,
+                prefix: "sk_live_".into(),
+                length: 8 + 32 + 6,
+            },
+            PrefixRule {
+                kind: "secret".into(),
+                environment: Environment::Test,
+                prefix: "sk_test_".into(),
+                length: 46,
+            },
+            PrefixRule {
+                kind: "vl".into(),
+                environment: Environment::Live,
+                prefix: "vlk_".into(),
+                length: 52,
+            },
         ])
     }
 
@@ -174,7 +194,10 @@ mod tests {
         b[12] = if b[12] == b'a' { b'b' } else { b'a' };
         assert!(f.parse(std::str::from_utf8(&b).unwrap()).is_none());
         assert!(f.parse(&s[..s.len() - 1]).is_none(), "wrong length");
-        assert!(f.parse(&format!("xx_live_{}", &s[8..])).is_none(), "unknown prefix");
+        assert!(
+            f.parse(&format!("xx_live_{}", &s[8..])).is_none(),
+            "unknown prefix"
+        );
         assert!(f.parse(&"a".repeat(10_000)).is_none(), "oversized");
     }
 

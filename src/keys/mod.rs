@@ -166,7 +166,11 @@ pub trait KeyStore: Send + Sync + 'static {
         cursor: Option<&'a str>,
     ) -> BoxFuture<'a, StoreResult<KeyPage>>;
     /// Stores a new record with the digest of its secret.
-    fn create<'a>(&'a self, record: &'a KeyRecord, digest: &'a Digest) -> BoxFuture<'a, StoreResult<()>>;
+    fn create<'a>(
+        &'a self,
+        record: &'a KeyRecord,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, StoreResult<()>>;
     /// Replaces an existing record (same id). `false` when the id is unknown.
     fn update<'a>(&'a self, record: &'a KeyRecord) -> BoxFuture<'a, StoreResult<bool>>;
     /// Gives the key a new secret: `record` carries the new `last4`; the
@@ -197,7 +201,10 @@ pub type SharedStore = Arc<dyn KeyStore>;
 pub async fn open(url: &str, timeout: Duration) -> StoreResult<SharedStore> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         Ok(Arc::new(sqlite::SqliteStore::open(path, timeout)?))
-    } else if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+cluster://") {
+    } else if url.starts_with("redis://")
+        || url.starts_with("rediss://")
+        || url.starts_with("redis+cluster://")
+    {
         Ok(Arc::new(redis::RedisStore::open(url, timeout).await?))
     } else {
         Err(StoreError::Config(format!(

@@ -20,10 +20,12 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// `Upgrade` is removed too unless `keep_upgrade` (a WebSocket route).
 /// Returns whether the client asked for trailers (`TE: trailers`).
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
-    let wants_trailers = h
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    let wants_trailers = h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -55,7 +57,10 @@ mod tests {
     #[test]
     fn removes_standard_and_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, "keep-alive, X-Secret-Hop, X-Forwarded-For".parse().unwrap());
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, X-Secret-Hop, X-Forwarded-For".parse().unwrap(),
+        );
         h.insert("x-secret-hop", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());

@@ -6,8 +6,8 @@
 pub mod headers;
 
 use crate::config::{Route, Upstream};
-use crate::context::{ResponseBody, RequestCtx};
 use crate::context::names;
+use crate::context::{RequestCtx, ResponseBody};
 use crate::error::GatewayError;
 use crate::keys::Environment;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
@@ -24,23 +24,48 @@ use std::time::Instant;
 /// The request body as forwarded: the client's, capped at the route's size.
 pub type ForwardBody = Limited<Incoming>;
 
-/// A pooled client for one upstream.
+thread_local! {
+    /// Which worker event loop this thread runs (0 outside the workers).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as worker `i`: its requests use its own pooled
+/// connections, whose tasks live on its own event loop (no cross-thread wake-ups).
+pub fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, ForwardBody>;
+
+/// Pooled clients for one upstream, one per worker.
 pub struct UpstreamPool {
     /// The upstream's config (a pool is kept across reloads only while it is unchanged).
     pub config: Upstream,
-    client: Client<HttpsConnector<HttpConnector>, ForwardBody>,
+    clients: Vec<HttpClient>,
     next: AtomicUsize,
 }
 
 impl std::fmt::Debug for UpstreamPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamPool").field("name", &self.config.name).finish()
+        f.debug_struct("UpstreamPool")
+            .field("name", &self.config.name)
+            .finish()
     }
 }
 
 impl UpstreamPool {
-    /// A pool for an upstream: keep-alive, connect timeout, idle timeout.
-    pub fn new(config: Upstream) -> Self {
+    /// A pool for an upstream (one client per worker): keep-alive, connect
+    /// timeout, idle timeout.
+    pub fn new(config: Upstream, workers: usize) -> Self {
+        let clients = (0..workers.max(1)).map(|_| Self::client(&config)).collect();
+        UpstreamPool {
+            config,
+            clients,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn client(config: &Upstream) -> HttpClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -50,18 +75,24 @@ impl UpstreamPool {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
+        Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(https);
-        UpstreamPool { config, client, next: AtomicUsize::new(0) }
+            .build(https)
+    }
+
+    fn client_for_this_thread(&self) -> &HttpClient {
+        let i = WORKER.with(|w| w.get());
+        &self.clients[i % self.clients.len()]
     }
 
     fn pick(&self, env: Option<Environment>) -> &Uri {
         let list = match env {
-            Some(Environment::Test) if !self.config.test_targets.is_empty() => &self.config.test_targets,
+            Some(Environment::Test) if !self.config.test_targets.is_empty() => {
+                &self.config.test_targets
+            }
             _ => &self.config.targets,
         };
         let i = self.next.fetch_add(1, Ordering::Relaxed);
@@ -97,14 +128,18 @@ pub async fn forward(
         pq.push_str(q);
     }
     let mut parts = target.clone().into_parts();
-    parts.path_and_query = Some(pq.parse().map_err(|_| GatewayError::BadRequest("malformed request target"))?);
-    let uri = Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("malformed request target"))?;
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|_| GatewayError::BadRequest("malformed request target"))?,
+    );
+    let uri =
+        Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("malformed request target"))?;
 
-    let original_host = req
-        .headers()
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let h = req.headers_mut();
@@ -121,7 +156,10 @@ pub async fn forward(
     }
     h.remove(header::HOST);
     h.insert(names::X_FORWARDED_FOR, fwd.xff);
-    h.insert(names::X_FORWARDED_PROTO, HeaderValue::from_static(if ctx.conn.tls { "https" } else { "http" }));
+    h.insert(
+        names::X_FORWARDED_PROTO,
+        HeaderValue::from_static(if ctx.conn.tls { "https" } else { "http" }),
+    );
     match original_host {
         Some(v) => h.insert(names::X_FORWARDED_HOST, v),
         None => h.remove(names::X_FORWARDED_HOST),
@@ -140,7 +178,10 @@ pub async fn forward(
         if let Ok(v) = HeaderValue::from_str(&id.key.workspace) {
             h.insert(names::X_WORKSPACE_ID, v);
         }
-        h.insert(names::X_KEY_ENVIRONMENT, HeaderValue::from_static(id.key.environment.as_str()));
+        h.insert(
+            names::X_KEY_ENVIRONMENT,
+            HeaderValue::from_static(id.key.environment.as_str()),
+        );
     }
 
     let (mut head, body) = req.into_parts();
@@ -153,7 +194,11 @@ pub async fn forward(
 
     ctx.upstream = Some(pool.config.name.clone());
     let sent = Instant::now();
-    let result = tokio::time::timeout(pool.config.request_timeout, pool.client.request(out)).await;
+    let result = tokio::time::timeout(
+        pool.config.request_timeout,
+        pool.client_for_this_thread().request(out),
+    )
+    .await;
     ctx.upstream_latency = Some(sent.elapsed());
     let mut resp = match result {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
@@ -166,13 +211,17 @@ pub async fn forward(
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
+                            .await;
                 }
             });
             let (parts, body) = resp.into_parts();
             return Ok(Response::from_parts(parts, Either::Left(body)));
         }
-        return Err(GatewayError::UpstreamUnavailable("unexpected 101 from upstream".into()));
+        return Err(GatewayError::UpstreamUnavailable(
+            "unexpected 101 from upstream".into(),
+        ));
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
     let (parts, body) = resp.into_parts();
@@ -204,11 +253,21 @@ pub struct Pools {
 
 impl Pools {
     /// Pools for `upstreams`, reusing those of `previous` whose config is unchanged.
-    pub fn build<'a>(upstreams: impl IntoIterator<Item = &'a Upstream>, previous: Option<&Pools>) -> Pools {
+    pub fn build<'a>(
+        upstreams: impl IntoIterator<Item = &'a Upstream>,
+        previous: Option<&Pools>,
+        workers: usize,
+    ) -> Pools {
         let mut by_name = std::collections::HashMap::new();
         for u in upstreams {
-            let kept = previous.and_then(|p| p.by_name.get(&u.name)).filter(|p| p.config == *u).cloned();
-            by_name.insert(u.name.clone(), kept.unwrap_or_else(|| Arc::new(UpstreamPool::new(u.clone()))));
+            let kept = previous
+                .and_then(|p| p.by_name.get(&u.name))
+                .filter(|p| p.config == *u)
+                .cloned();
+            by_name.insert(
+                u.name.clone(),
+                kept.unwrap_or_else(|| Arc::new(UpstreamPool::new(u.clone(), workers))),
+            );
         }
         Pools { by_name }
     }

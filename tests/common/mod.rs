@@ -1252,7 +1252,8 @@ pub async fn read_response(resp: Response<Incoming>) -> TestResponse {
 /// hyper-rustls, HTTP/1.1 or HTTP/2, trusting the test certificate.
 #[derive(Clone)]
 pub struct TestClient {
-    client: Client<HttpsConnector<HttpConnector>, ReqBody>,
+    /// The underlying client, for tests that must see transport errors.
+    pub client: Client<HttpsConnector<HttpConnector>, ReqBody>,
 }
 
 impl TestClient {
