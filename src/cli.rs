@@ -231,6 +231,9 @@ async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn serve(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
+    // Installs the process-wide SIGHUP handler before anything else: until
+    // then a SIGHUP (a reload request) would kill the process.
+    drop(crate::reload::hangup());
     let cfg = match config::load(&path) {
         Ok(c) => c,
         Err(e) => {

@@ -37,10 +37,37 @@ fn watched(app: &App, tls: &Option<TlsReloader>) -> Vec<PathBuf> {
     v
 }
 
-/// Runs until shutdown, reloading on file changes, SIGHUP and `App::reload`.
-pub async fn watch(app: Arc<App>, tls: Option<TlsReloader>, mut shutdown: watch::Receiver<bool>) {
+/// SIGHUP, registered as early as possible: until a handler exists, SIGHUP
+/// kills the process.
+#[cfg(unix)]
+pub type Hangup = Option<tokio::signal::unix::Signal>;
+/// No SIGHUP off Unix.
+#[cfg(not(unix))]
+pub type Hangup = Option<()>;
+
+/// Registers the SIGHUP handler (call before anything slow at start-up).
+pub fn hangup() -> Hangup {
     #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Runs until shutdown, reloading on file changes, SIGHUP and `App::reload`.
+pub async fn watch(
+    app: Arc<App>,
+    tls: Option<TlsReloader>,
+    hangup: Hangup,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    let mut hup = hangup;
+    #[cfg(not(unix))]
+    let _ = hangup;
     let mut paths = watched(&app, &tls);
     let mut last = fingerprint(&paths).await;
     let mut tick = tokio::time::interval(POLL);
@@ -66,9 +93,16 @@ pub async fn watch(app: Arc<App>, tls: Option<TlsReloader>, mut shutdown: watch:
         }
         let source = app.snapshot().config.source.clone();
         reload_once(&app, &tls, &source);
-        // The TLS file paths may have changed with the config.
-        paths = watched(&app, &tls);
-        last = fingerprint(&paths).await;
+        // Remember what was there before the load, so a write that lands
+        // during the reload is seen as a change on the next tick. The TLS
+        // file paths may have changed with the config.
+        let new_paths = watched(&app, &tls);
+        last = if new_paths == paths {
+            now
+        } else {
+            fingerprint(&new_paths).await
+        };
+        paths = new_paths;
     }
 }
 
@@ -92,7 +126,11 @@ pub fn reload_once(app: &App, tls: &Option<TlsReloader>, path: &Path) -> bool {
     {
         return fail(&e);
     }
+    let level = config.log.level.clone();
     let restart = app.apply(config);
+    if let Err(e) = crate::logging::set_level(&level) {
+        tracing::warn!(error = %e, "log level not changed");
+    }
     m.reloads.get_or_create(&ResultLabel { result: "ok" }).inc();
     m.last_reload_ok.set(1);
     let version = app.snapshot().version;

@@ -225,6 +225,7 @@ pub struct Gateway {
 impl Gateway {
     /// Binds the listeners and starts serving `config`.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let hangup = crate::reload::hangup();
         let listen = config.server.listen;
         let admin_listen = config.admin.listen;
         let tls = match &config.server.tls {
@@ -303,7 +304,12 @@ impl Gateway {
                 rx.clone(),
             )));
         }
-        tasks.push(tokio::spawn(crate::reload::watch(app.clone(), tls, rx)));
+        tasks.push(tokio::spawn(crate::reload::watch(
+            app.clone(),
+            tls,
+            hangup,
+            rx,
+        )));
         tracing::info!(%addr, %admin_addr, workers, "portcullis listening");
         Ok(Gateway {
             app,
