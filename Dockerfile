@@ -23,11 +23,13 @@ RUN mkdir -p src \
            target/release/.fingerprint/portcullis-*
 
 # The real sources. `touch` so cargo never takes the dummy build as up to date.
+# The release profile keeps line tables (debug = "line-tables-only"); the image
+# drops them (67 MB -> 15 MB) but keeps symbols, so backtraces still name functions.
 COPY src ./src
 COPY config ./config
 RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked \
- && cp target/release/portcullis /usr/local/bin/portcullis
+ && objcopy --strip-debug target/release/portcullis /usr/local/bin/portcullis
 
 # ---- runtime ----------------------------------------------------------------
 FROM debian:bookworm-slim
