@@ -8,6 +8,19 @@ use crate::keys::{KeyRecord, KeyStatus, SharedStore};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// `println!` that ignores a closed stdout (`portcullis keys list | head`)
+/// instead of panicking.
+macro_rules! say {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
 use std::time::Duration;
 
 /// portcullis — an API gateway: authenticates every request's API key,
@@ -198,7 +211,7 @@ async fn run(cli: Cli) -> ExitCode {
             let p = path.unwrap_or_else(|| config.path());
             match config::load(&p) {
                 Ok(c) => {
-                    println!(
+                    say!(
                         "{}: OK ({} routes, {} upstreams)",
                         p.display(),
                         c.routes.len(),
@@ -217,7 +230,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::ExampleUpstream { listen, name } => {
             match tokio::net::TcpListener::bind(listen).await {
                 Ok(l) => {
-                    println!("example {name} service on http://{listen}");
+                    say!("example {name} service on http://{listen}");
                     crate::demo::example_upstream(l, name).await;
                     ExitCode::SUCCESS
                 }
@@ -307,17 +320,17 @@ fn print_record(rec: &KeyRecord, secret: Option<&str>, json: bool) {
         if let (Some(s), Some(o)) = (secret, v.as_object_mut()) {
             o.insert("secret".into(), s.into());
         }
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
-    println!("id           {}", rec.id);
-    println!("workspace    {}", rec.workspace);
+    say!("id           {}", rec.id);
+    say!("workspace    {}", rec.workspace);
     if !rec.name.is_empty() {
-        println!("name         {}", rec.name);
+        say!("name         {}", rec.name);
     }
-    println!("kind         {} ({})", rec.kind, rec.environment.as_str());
-    println!("key          {}…{}", rec.prefix, rec.last4);
-    println!(
+    say!("kind         {} ({})", rec.kind, rec.environment.as_str());
+    say!("key          {}…{}", rec.prefix, rec.last4);
+    say!(
         "status       {}",
         if rec.status == KeyStatus::Active {
             "active"
@@ -325,7 +338,7 @@ fn print_record(rec: &KeyRecord, secret: Option<&str>, json: bool) {
             "disabled"
         }
     );
-    println!(
+    say!(
         "permissions  {}",
         if rec.permissions.is_empty() {
             "(none)".into()
@@ -334,19 +347,19 @@ fn print_record(rec: &KeyRecord, secret: Option<&str>, json: bool) {
         }
     );
     if let Some(p) = &rec.plan {
-        println!("plan         {p}");
+        say!("plan         {p}");
     }
-    println!("created      {}", rec.created_at.to_rfc3339());
+    say!("created      {}", rec.created_at.to_rfc3339());
     if let Some(t) = rec.expires_at {
-        println!("expires      {}", t.to_rfc3339());
+        say!("expires      {}", t.to_rfc3339());
     }
     if let Some(t) = rec.last_used_at {
-        println!("last used    {}", t.to_rfc3339());
+        say!("last used    {}", t.to_rfc3339());
     }
     if let Some(s) = secret {
-        println!();
-        println!("secret       {s}");
-        println!("             (shown once: store it now; it cannot be recovered)");
+        say!();
+        say!("secret       {s}");
+        say!("             (shown once: store it now; it cannot be recovered)");
     }
 }
 
@@ -405,18 +418,22 @@ async fn keys(path: PathBuf, action: KeysCommand) -> ExitCode {
                     }
                 }
                 if json {
-                    println!(
+                    say!(
                         "{}",
                         serde_json::to_string_pretty(&serde_json::json!({ "data": all }))
                             .unwrap_or_default()
                     );
                 } else {
-                    println!(
+                    say!(
                         "{:<26} {:<16} {:<10} {:<9} {:<18} PERMISSIONS",
-                        "ID", "WORKSPACE", "KIND", "STATUS", "KEY"
+                        "ID",
+                        "WORKSPACE",
+                        "KIND",
+                        "STATUS",
+                        "KEY"
                     );
                     for r in &all {
-                        println!(
+                        say!(
                             "{:<26} {:<16} {:<10} {:<9} {:<18} {}",
                             r.id,
                             r.workspace,
@@ -465,9 +482,9 @@ async fn keys(path: PathBuf, action: KeysCommand) -> ExitCode {
             KeysCommand::Revoke { id, json } => {
                 ops::revoke(&store, &id).await.map_err(ops_error)?;
                 if json {
-                    println!("{}", serde_json::json!({ "id": id, "revoked": true }));
+                    say!("{}", serde_json::json!({ "id": id, "revoked": true }));
                 } else {
-                    println!("revoked {id}");
+                    say!("revoked {id}");
                 }
             }
         }
