@@ -15,15 +15,20 @@ use tokio::sync::watch;
 /// How often the files are checked for changes.
 const POLL: Duration = Duration::from_millis(250);
 
-async fn fingerprint(paths: &[PathBuf]) -> u64 {
-    let mut h = DefaultHasher::new();
+/// One hash per watched file (a missing file hashes its error kind).
+async fn fingerprint(paths: &[PathBuf]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(paths.len());
     for p in paths {
-        match tokio::fs::read(p).await {
-            Ok(bytes) => bytes.hash(&mut h),
-            Err(e) => e.kind().hash(&mut h),
-        }
+        out.push(match tokio::fs::read(p).await {
+            Ok(bytes) => crate::config::content_hash(&bytes),
+            Err(e) => {
+                let mut h = DefaultHasher::new();
+                e.kind().hash(&mut h);
+                h.finish()
+            }
+        });
     }
-    h.finish()
+    out
 }
 
 fn watched(app: &App, tls: &Option<TlsReloader>) -> Vec<PathBuf> {
@@ -70,6 +75,9 @@ pub async fn watch(
     let _ = hangup;
     let mut paths = watched(&app, &tls);
     let mut last = fingerprint(&paths).await;
+    // The config as loaded at start, not as it is now: a version written
+    // between the load and this point must still count as a change.
+    last[0] = app.snapshot().config.source_hash;
     let mut tick = tokio::time::interval(POLL);
     loop {
         #[cfg(unix)]

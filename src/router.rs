@@ -20,7 +20,6 @@ pub struct Router {
 
 #[derive(Clone, Debug)]
 struct PathEntry {
-    pattern: String,
     by_method: Vec<(Method, Arc<Route>)>,
     any: Option<Arc<Route>>,
     allow: HeaderValue,
@@ -84,6 +83,7 @@ impl Router {
     /// Compiles the routes. On failure: the index of the offending route and why.
     pub fn build(routes: &[Arc<Route>]) -> Result<Router, (usize, String)> {
         let mut r = Router::default();
+        let mut by_pattern: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         for (idx, route) in routes.iter().enumerate() {
             let pattern = to_matchit(&route.path);
             let table = if pattern.contains("{*") {
@@ -91,7 +91,7 @@ impl Router {
             } else {
                 &mut r.paths
             };
-            let entry = match r.entries.iter().position(|e| e.pattern == pattern) {
+            let entry = match by_pattern.get(&pattern).copied() {
                 // The same pattern text again: add methods to its entry.
                 Some(id) => id,
                 None => {
@@ -105,8 +105,8 @@ impl Router {
                             ),
                         )
                     })?;
+                    by_pattern.insert(pattern, id);
                     r.entries.push(PathEntry {
-                        pattern,
                         by_method: Vec::new(),
                         any: None,
                         allow: HeaderValue::from_static(""),

@@ -295,6 +295,9 @@ pub struct Log {
 pub struct Config {
     /// The file it came from.
     pub source: PathBuf,
+    /// Hash of the file's bytes as read, so the reload watcher starts from
+    /// exactly what was loaded (a write just after the load is not missed).
+    pub source_hash: u64,
     /// `[server]`.
     pub server: Server,
     /// `[admin]`.
@@ -375,7 +378,10 @@ pub fn parse(
         }
     };
     match v.config(path, file) {
-        Some(c) if v.diags.is_empty() => Ok(c),
+        Some(mut c) if v.diags.is_empty() => {
+            c.source_hash = content_hash(text.as_bytes());
+            Ok(c)
+        }
         _ => Err(v.finish(path)),
     }
 }
@@ -930,6 +936,7 @@ impl Validator<'_> {
         };
         Some(Config {
             source: path.to_path_buf(),
+            source_hash: 0,
             server,
             admin,
             store,
@@ -947,6 +954,14 @@ impl Validator<'_> {
             },
         })
     }
+}
+
+/// Hash of a file's bytes (config or TLS file), to notice changes.
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
 }
 
 /// An IP address (as a /32 or /128) or a CIDR.
