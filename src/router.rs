@@ -83,7 +83,8 @@ impl Router {
     /// Compiles the routes. On failure: the index of the offending route and why.
     pub fn build(routes: &[Arc<Route>]) -> Result<Router, (usize, String)> {
         let mut r = Router::default();
-        let mut by_pattern: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut by_pattern: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::new();
         for (idx, route) in routes.iter().enumerate() {
             let pattern = to_matchit(&route.path);
             let table = if pattern.contains("{*") {
