@@ -179,10 +179,18 @@ impl GatewayError {
 
     /// The JSON error response of DESIGN.md for this error.
     pub fn to_response(&self, request_id: &str) -> Response<ResponseBody> {
-        let body = serde_json::json!({
-            "error": { "code": self.code(), "message": self.public_message(), "request_id": request_id }
-        });
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        // Written by hand: refusals are the hot path of an attack, and a
+        // serde_json::Value tree per answer costs more than the answer.
+        let message = self.public_message();
+        let mut body = String::with_capacity(96 + message.len() + request_id.len());
+        body.push_str(r#"{"error":{"code":""#);
+        body.push_str(self.code());
+        body.push_str(r#"","message":"#);
+        push_json_string(&mut body, &message);
+        body.push_str(r#","request_id":"#);
+        push_json_string(&mut body, request_id);
+        body.push_str("}}");
+        let bytes = body.into_bytes();
         let mut resp = Response::new(full_body(Bytes::from(bytes)));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
@@ -209,9 +217,41 @@ impl GatewayError {
     }
 }
 
+/// Appends `s` as a JSON string literal (quoted and escaped).
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_body_is_valid_json_with_escaping() {
+        let e = GatewayError::Forbidden("lacks \"sms.send\"\\ \n".into());
+        let resp = e.to_response("r-1");
+        let body = match resp.into_body() {
+            http_body_util::Either::Right(full) => full,
+            http_body_util::Either::Left(_) => panic!("not a full body"),
+        };
+        let bytes = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(body))
+            .expect("ready")
+            .expect("infallible")
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("valid JSON");
+        assert_eq!(v["error"]["code"], "FORBIDDEN");
+        assert_eq!(v["error"]["message"], "lacks \"sms.send\"\\ \n");
+        assert_eq!(v["error"]["request_id"], "r-1");
+    }
 
     #[test]
     fn every_variant_maps_to_the_design_table() {

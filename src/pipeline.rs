@@ -5,7 +5,7 @@
 //! request, on success and on error alike.
 
 use crate::auth::{self, AuthInput};
-use crate::config::{AuthMode, Config, Route};
+use crate::config::{AuthMode, Config, Limit, Route};
 use crate::context::{ConnInfo, RateVerdict, RequestCtx, ResponseBody, full_body, names};
 use crate::error::{ErrorSource, GatewayError};
 use crate::ratelimit::{Decision, LimitRequest};
@@ -124,10 +124,29 @@ async fn rate_limit(
     if limits.is_empty() {
         return Ok(());
     }
+    enforce_limits(ctx, app, &route.name, limits).await
+}
+
+/// Checks and counts `limits` for the authenticated key on `route`: fills
+/// the verdict for the `X-RateLimit-*` headers, or refuses with 429. Used by
+/// keyed routes and the self-service endpoints alike.
+pub async fn enforce_limits(
+    ctx: &mut RequestCtx,
+    app: &App,
+    route: &str,
+    limits: &[Limit],
+) -> Result<(), GatewayError> {
+    let Some(identity) = &ctx.identity else {
+        return Ok(());
+    };
+    if limits.is_empty() {
+        return Ok(());
+    }
+    let key = &identity.key;
     let req = LimitRequest {
         key_id: &key.id,
         workspace: &key.workspace,
-        route: &route.name,
+        route,
         limits,
     };
     match app.limiter.check(&req).await {

@@ -19,7 +19,6 @@ use crate::config::{AuthMode, Config, Route};
 use crate::context::{RequestCtx, ResponseBody};
 use crate::error::GatewayError;
 use crate::keys::{Environment, KeyRecord};
-use crate::ratelimit::{Decision, LimitRequest};
 use crate::server::App;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -110,7 +109,14 @@ pub async fn handle(
     };
     let caller = identity.key.clone();
     ctx.identity = Some(identity);
-    rate_limit(ctx, &caller, cfg, app).await?;
+    // The caller's plan limits, under the route name `self_service`.
+    crate::pipeline::enforce_limits(
+        ctx,
+        app,
+        ROUTE_NAME,
+        cfg.plan_limits(caller.plan.as_deref()),
+    )
+    .await?;
 
     let actor = Actor {
         kind: "key",
@@ -133,48 +139,6 @@ pub async fn handle(
         Ok(reply) => reply.to_response(),
         Err(e) => e.to_response(&ctx.request_id),
     })
-}
-
-/// The caller's plan limits, under the route name `self_service`.
-async fn rate_limit(
-    ctx: &mut RequestCtx,
-    key: &KeyRecord,
-    cfg: &Config,
-    app: &App,
-) -> Result<(), GatewayError> {
-    let limits = cfg.plan_limits(key.plan.as_deref());
-    if limits.is_empty() {
-        return Ok(());
-    }
-    let req = LimitRequest {
-        key_id: &key.id,
-        workspace: &key.workspace,
-        route: ROUTE_NAME,
-        limits,
-    };
-    match app.limiter.check(&req).await {
-        Decision::Unlimited => Ok(()),
-        Decision::Allowed(v) => {
-            ctx.rate = Some(v);
-            Ok(())
-        }
-        Decision::Refused {
-            verdict,
-            retry_after_secs,
-            scope,
-        } => {
-            ctx.rate = Some(verdict);
-            app.metrics
-                .rate_limited
-                .get_or_create(&crate::metrics::ScopeLabel {
-                    scope: scope.as_str(),
-                })
-                .inc();
-            Err(GatewayError::RateLimited {
-                retry_after: retry_after_secs.max(1),
-            })
-        }
-    }
 }
 
 fn forbidden(message: impl Into<String>) -> ApiError {
