@@ -96,9 +96,16 @@ async fn inner(
         GatewayError::Internal(format!("no pool for upstream {}", route.upstream))
     })?;
     let xff = forwarded_for(req.headers(), ctx.conn, cfg);
+    // A gateway key never reaches an upstream, even one sent by mistake to
+    // a route without auth; other credentials (e.g. Basic) pass there.
+    let strip_credentials = route.auth == AuthMode::Key
+        || auth::credential(req.headers())
+            .ok()
+            .flatten()
+            .is_some_and(|c| cfg.key_format.has_known_prefix(c));
     let fwd = crate::proxy::Forwarding {
         xff,
-        strip_credentials: route.auth == AuthMode::Key,
+        strip_credentials,
     };
     crate::proxy::forward(pool, &route, req, fwd, ctx).await
 }

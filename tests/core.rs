@@ -1503,6 +1503,44 @@ async fn forwarding_sets_x_forwarded_headers_over_client_copies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_never_passes_a_gateway_key_to_a_route_without_auth() {
+    let echo = EchoUpstream::start().await;
+    let gw = start_gateway(&echo_config(None, "", &echo)).await;
+    let c = TestClient::h1(None);
+    let key = "sk_live_not-a-real-key-but-shaped-like-one";
+    let r = c
+        .get_with(
+            &gw.url("/v1/echo/a"),
+            &[("authorization", &format!("Bearer {key}"))],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        echo.last().header("authorization"),
+        None,
+        "a gateway key is stripped"
+    );
+    let r = c
+        .get_with(&gw.url("/v1/echo/b"), &[("x-api-key", key)])
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(echo.last().header("x-api-key"), None);
+    let r = c
+        .get_with(
+            &gw.url("/v1/echo/c"),
+            &[("authorization", "Basic dXNlcjpwYXNz")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        echo.last().header("authorization"),
+        Some("Basic dXNlcjpwYXNz"),
+        "the upstream's own credentials pass on auth = \"none\" routes"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_sets_x_forwarded_headers_over_tls_http2() {
     let certs = TestCerts::generate();
     let echo = EchoUpstream::start().await;
