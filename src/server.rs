@@ -241,6 +241,11 @@ impl Gateway {
             addr: listen,
             source,
         };
+        if listen.port() != 0 {
+            // SO_REUSEPORT would let a second gateway share a port that is
+            // already taken; a plain bind first keeps "address in use" an error.
+            drop(std::net::TcpListener::bind(listen).map_err(bind_err)?);
+        }
         let first = reuseport_listener(listen).map_err(bind_err)?;
         let addr = first.local_addr().map_err(bind_err)?;
         let mut publics = vec![first];

@@ -1503,6 +1503,27 @@ async fn forwarding_sets_x_forwarded_headers_over_client_copies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_refuses_a_port_already_in_use() {
+    let echo = EchoUpstream::start().await;
+    let gw = start_gateway(&echo_config(None, "", &echo)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("second.toml");
+    let text = format!(
+        "[server]\nlisten = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}/k.db\"\n",
+        gw.addr,
+        dir.path().display()
+    );
+    std::fs::write(&path, &text).unwrap();
+    let cfg = portcullis::config::load(&path).unwrap();
+    match portcullis::server::Gateway::start(cfg).await {
+        Err(portcullis::server::StartError::Bind { addr, .. }) => assert_eq!(addr, gw.addr),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("a second gateway started on a port in use"),
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_never_passes_a_gateway_key_to_a_route_without_auth() {
     let echo = EchoUpstream::start().await;
     let gw = start_gateway(&echo_config(None, "", &echo)).await;
