@@ -128,9 +128,6 @@ async fn rate_limit(
         limits_buf = [plan, &route.limits[..]].concat();
         &limits_buf[..]
     };
-    if limits.is_empty() {
-        return Ok(());
-    }
     enforce_limits(ctx, app, &route.name, limits).await
 }
 

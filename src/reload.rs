@@ -1,5 +1,5 @@
 //! Hot reload: on a change of the config file (rename or in-place write),
-//! of the TLS certificate or key files, on SIGHUP, or on request, parse and
+//! of the TLS certificate or key files, or on SIGHUP, parse and
 //! validate the file and swap the whole snapshot in. A bad file is logged
 //! (file:line:col) and counted; the running config stays.
 
@@ -62,7 +62,7 @@ pub fn hangup() -> Hangup {
     }
 }
 
-/// Runs until shutdown, reloading on file changes, SIGHUP and `App::reload`.
+/// Runs until shutdown, reloading on file changes and SIGHUP.
 pub async fn watch(
     app: Arc<App>,
     tls: Option<TlsReloader>,
@@ -92,7 +92,6 @@ pub async fn watch(
         let forced = tokio::select! {
             _ = tick.tick() => false,
             _ = hup_fut => true,
-            _ = app.reload.notified() => true,
             _ = shutdown.changed() => return,
         };
         let now = fingerprint(&paths).await;

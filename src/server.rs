@@ -90,8 +90,6 @@ pub struct App {
     pub ids: RequestIds,
     /// Requests in flight (for load shedding).
     pub in_flight: AtomicUsize,
-    /// Wakes the reload task (SIGHUP does the same).
-    pub reload: tokio::sync::Notify,
     /// Open-connection slots (`server.max_connections`), shared by all workers.
     pub conn_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -132,7 +130,6 @@ impl App {
             metrics,
             ids: RequestIds::default(),
             in_flight: AtomicUsize::new(0),
-            reload: tokio::sync::Notify::new(),
             conn_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         }))
     }
@@ -326,11 +323,6 @@ impl Gateway {
         })
     }
 
-    /// Asks the gateway to reload its config file now (as SIGHUP does).
-    pub fn reload_now(&self) {
-        self.app.reload.notify_one();
-    }
-
     /// Stops accepting, lets in-flight requests finish up to the configured
     /// grace period, and returns when everything has stopped.
     pub async fn shutdown(self) {
@@ -341,6 +333,8 @@ impl Gateway {
         for t in self.threads {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+        // Hybrid mode: admits not yet pushed to Redis would otherwise be lost.
+        self.app.limiter.flush().await;
     }
 }
 

@@ -177,16 +177,6 @@ impl KeyCache {
         self.entries.clear();
     }
 
-    /// Number of cached entries (positive and negative).
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether the cache is empty.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Notes that a key authenticated a request; written to the store in
     /// batches by [`KeyCache::flush_last_used`], never per request.
     pub fn note_used(&self, id: &str) {
