@@ -84,6 +84,8 @@ pub struct Metrics {
     pub rate_limited: Family<ScopeLabel, Counter>,
     /// Open client connections.
     pub open_connections: Gauge,
+    /// Client connections idle and parked (no HTTP state, no buffers).
+    pub parked_connections: Gauge,
     /// Config version in use (1 at start, +1 per applied reload).
     pub config_version: Gauge,
     /// Reloads by result.
@@ -147,6 +149,7 @@ impl Metrics {
             auth_refusals: Family::default(),
             rate_limited: Family::default(),
             open_connections: Gauge::default(),
+            parked_connections: Gauge::default(),
             config_version: Gauge::default(),
             reloads: Family::default(),
             last_reload_ok: Gauge::default(),
@@ -186,6 +189,11 @@ impl Metrics {
             "open_connections",
             "Open client connections",
             m.open_connections.clone(),
+        );
+        registry.register(
+            "parked_connections",
+            "Idle client connections parked without HTTP state or buffers",
+            m.parked_connections.clone(),
         );
         registry.register(
             "config_version",

@@ -28,9 +28,9 @@ pub async fn handle(req: Request<Incoming>, conn: ConnInfo, app: &App) -> Respon
     let result = if app.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
         Err(GatewayError::Overloaded)
     } else {
-        // Boxed so that an idle connection does not carry the (large) future
-        // of a whole request in its state: hyper keeps room for one per connection.
-        Box::pin(inner(req, &mut ctx, &snap, app)).await
+        // Not boxed: hyper keeps room for one request future per HTTP/1.1
+        // session, and the listener drops sessions of idle connections.
+        inner(req, &mut ctx, &snap, app).await
     };
     app.in_flight.fetch_sub(1, Ordering::Relaxed);
 

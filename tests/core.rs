@@ -510,6 +510,121 @@ async fn tls_refuses_versions_below_1_2() {
     gw.shutdown().await;
 }
 
+/// The gateway's gauge of parked (idle, bufferless) client connections.
+fn parked(gw: &TestGateway) -> i64 {
+    gw.app().metrics.parked_connections.get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keepalive_connection_is_parked_and_serves_its_next_request() {
+    let echo = EchoUpstream::start().await;
+    let gw = start_gateway(&echo_config(None, "", &echo)).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /v1/echo/one HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_one_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // Idle: the connection gives up its HTTP state and is parked.
+    eventually(
+        "the idle connection to be parked",
+        Duration::from_secs(5),
+        || async { parked(&gw) == 1 },
+    )
+    .await;
+    s.write_all(b"GET /v1/echo/two HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let second = read_one_response(&mut s).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert_eq!(echo.last().path_and_query, "/v1/echo/two");
+    assert_eq!(echo.count(), 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_split_by_a_pause_is_served_whole() {
+    let echo = EchoUpstream::start().await;
+    let gw = start_gateway(&echo_config(None, "", &echo)).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /v1/echo/split HTTP/1.1\r\nHost: a\r\nX-Part: ")
+        .await
+        .unwrap();
+    // Long enough for an idle connection to be parked (one to two 100 ms
+    // ticks): the bytes already read must survive it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.write_all(b"one\r\n\r\n").await.unwrap();
+    let r = read_one_response(&mut s).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let seen = echo.last();
+    assert_eq!(seen.path_and_query, "/v1/echo/split");
+    assert_eq!(
+        seen.headers.get("x-part").and_then(|v| v.to_str().ok()),
+        Some("one")
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_timeout_closes_an_idle_connection() {
+    let echo = EchoUpstream::start().await;
+    let gw = start_gateway(&echo_config(None, "keepalive_timeout = \"600ms\"", &echo)).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /v1/echo/ka HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_one_response(&mut s).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let idle = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("the gateway closes the idle connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without sending anything");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(400),
+        "closed after only {:?}",
+        idle.elapsed()
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_idle_connections_are_parked_and_all_serve_again() {
+    let echo = EchoUpstream::start().await;
+    let gw = start_gateway(&echo_config(None, "", &echo)).await;
+    // More connections than the listener keeps warm between requests, so
+    // most are parked the moment they go idle.
+    let mut conns = Vec::new();
+    for i in 0..300 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(format!("GET /v1/echo/a{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let r = read_one_response(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        conns.push(s);
+    }
+    eventually(
+        "all idle connections to be parked",
+        Duration::from_secs(5),
+        || async { parked(&gw) == 300 },
+    )
+    .await;
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(format!("GET /v1/echo/b{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    for s in conns.iter_mut() {
+        let r = read_one_response(s).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    assert_eq!(echo.count(), 600);
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_read_timeout_closes_a_slow_client() {
     let echo = EchoUpstream::start().await;

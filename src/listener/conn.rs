@@ -1,0 +1,331 @@
+//! Serving one connection: HTTP/2 by hyper for its whole life; HTTP/1.1 in
+//! hyper sessions that end whenever the connection goes idle.
+//!
+//! An idle HTTP/1.1 connection is *parked*: hyper's state (an 8–16 KiB read
+//! buffer, write buffer, dispatcher) is dropped and the task waits for the
+//! socket to become readable with no buffer at all, then starts a fresh
+//! session. That keeps an idle keep-alive connection at a few hundred bytes,
+//! as nginx does, instead of tens of KiB.
+
+use super::io::{ConnIo, ConnShared, InFlight, Socket};
+use crate::context::{ConnInfo, ResponseBody};
+use crate::server::App;
+use bytes::Bytes;
+use http::Request;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// How often a busy HTTP/1.1 connection checks whether it went idle. A
+/// connection is parked after one to two ticks without traffic.
+const TICK: Duration = Duration::from_millis(100);
+
+/// HTTP/1.1 sessions (across all workers) that may stay open between
+/// requests until a tick finds them idle. Beyond this, a session is parked
+/// the moment it waits for its next request, so a crowd of mostly idle
+/// connections never holds a crowd of hyper buffers at once.
+const WARM_SESSIONS: usize = 128;
+
+/// HTTP/1.1 sessions open now.
+static SESSIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// One open HTTP/1.1 session, counted in [`SESSIONS`].
+struct Session;
+
+impl Session {
+    fn open() -> Self {
+        SESSIONS.fetch_add(1, Ordering::Relaxed);
+        Session
+    }
+    fn crowded() -> bool {
+        SESSIONS.load(Ordering::Relaxed) > WARM_SESSIONS
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        SESSIONS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Connection limits from `[server]`, read once per connection.
+#[derive(Clone, Copy)]
+struct Limits {
+    header_read: Duration,
+    keepalive: Duration,
+    max_header_bytes: usize,
+    h2_streams: u32,
+}
+
+/// Serves a connection until it closes, or until `stop` turns true and its
+/// in-flight requests are answered.
+pub async fn serve<I: Socket>(
+    io: I,
+    h2_alpn: Option<bool>,
+    conn: ConnInfo,
+    app: Arc<App>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let limits = {
+        let s = app.snapshot();
+        let c = &s.config.server;
+        Limits {
+            header_read: c.header_read_timeout,
+            keepalive: c.keepalive_timeout,
+            max_header_bytes: c.max_header_bytes,
+            h2_streams: c.http2_max_concurrent_streams,
+        }
+    };
+    let shared = Arc::new(ConnShared::default());
+    let mut io = ConnIo::new(io, shared.clone());
+
+    // The first request head must start within both timeouts.
+    let first = Instant::now() + limits.header_read.min(limits.keepalive);
+    if !wait_readable(io.get_ref(), first, &mut stop, &app).await {
+        return;
+    }
+    let h2 = match h2_alpn {
+        Some(h2) => h2,
+        None => match sniff_h2(&mut io, first).await {
+            Some(h2) => h2,
+            None => return,
+        },
+    };
+
+    let svc_shared = shared.clone();
+    let svc_app = app.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let guard = svc_shared.start_request(!hyper::body::Body::is_end_stream(req.body()));
+        let conn = ConnInfo {
+            framing_conflict: svc_shared.framing_conflict.load(Ordering::Relaxed),
+            ..conn
+        };
+        let app = svc_app.clone();
+        async move {
+            let resp = crate::pipeline::handle(req, conn, &app).await;
+            Ok::<_, Infallible>(resp.map(|body| Tracked {
+                body,
+                _guard: guard,
+            }))
+        }
+    });
+
+    if h2 {
+        // Boxed: hyper's HTTP/2 state would otherwise size every task.
+        return Box::pin(serve_h2(io, service, limits, conn, stop)).await;
+    }
+
+    let mut b = hyper::server::conn::http1::Builder::new();
+    // Timeouts are this loop's job (below): hyper's header timer would cost a
+    // timer allocation per request.
+    b.max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    // When the current request head started, if one is pending.
+    let mut head_since: Option<Instant> = None;
+    loop {
+        // Boxed: while parked, the task keeps none of hyper's state.
+        let mut session = Box::new(
+            b.serve_connection(TokioIo::new(io), service.clone())
+                .with_upgrades(),
+        );
+        let counted = Session::open();
+        let mut tick = Box::pin(tokio::time::sleep(TICK));
+        let mut seen_activity = shared.activity();
+        let mut seen_requests = shared.requests();
+        let mut draining = false;
+        let parked = loop {
+            tokio::select! {
+                biased;
+                r = &mut *session => {
+                    if let Err(e) = r {
+                        tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                // Polled right after the session, so it sees hyper's latest state.
+                _ = std::future::poll_fn(|_| {
+                    if Session::crowded() && shared.waiting() { Poll::Ready(()) } else { Poll::Pending }
+                }), if !draining => break session.into_parts(),
+                _ = stop.changed(), if !draining => {
+                    draining = true;
+                    Pin::new(&mut *session).graceful_shutdown();
+                }
+                _ = &mut tick, if !draining => {
+                    let now = Instant::now();
+                    let (activity, requests) = (shared.activity(), shared.requests());
+                    if shared.busy() || requests != seen_requests {
+                        head_since = None;
+                    } else if head_since.is_some_and(|t| now >= t + limits.header_read) {
+                        // Bytes keep trickling in but no request head completes.
+                        tracing::debug!(peer = %conn.peer, "request head timed out");
+                        return;
+                    } else if activity == seen_activity {
+                        break session.into_parts();
+                    } else {
+                        head_since.get_or_insert(now);
+                    }
+                    seen_activity = activity;
+                    seen_requests = requests;
+                    tick.as_mut().reset(now + TICK);
+                }
+            }
+        };
+        drop(counted);
+        let Some(parts) = parked else { return };
+        let hyper::server::conn::http1::Parts {
+            io: parked_io,
+            read_buf,
+            ..
+        } = parts;
+        io = parked_io.into_inner();
+        let now = Instant::now();
+        if read_buf.is_empty() {
+            // Even empty, `read_buf` holds hyper's read buffer.
+            drop(read_buf);
+            head_since = None;
+            if !wait_readable(io.get_ref(), now + limits.keepalive, &mut stop, &app).await {
+                return;
+            }
+        } else {
+            // Part of a request head (or, in theory, a whole pipelined one)
+            // was read: serve it again at once, on the head's own clock.
+            // Copied, since the slice pins hyper's whole read buffer.
+            io.set_replay(Bytes::copy_from_slice(&read_buf));
+            drop(read_buf);
+            if now >= *head_since.get_or_insert(now) + limits.header_read || *stop.borrow() {
+                return;
+            }
+        }
+    }
+}
+
+/// HTTP/2 keeps its hyper state for the connection's life: its streams
+/// share one connection and it has its own keep-alive pings.
+async fn serve_h2<I, S>(
+    io: ConnIo<I>,
+    service: S,
+    limits: Limits,
+    conn: ConnInfo,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: Socket,
+    S: hyper::service::HttpService<Incoming, ResBody = Tracked> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(limits.keepalive / 2)
+        .keep_alive_timeout(limits.header_read);
+    let session = b.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(session);
+    let result = tokio::select! {
+        r = session.as_mut() => r,
+        _ = stop.changed() => {
+            session.as_mut().graceful_shutdown();
+            session.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Waits, holding no buffer, until the socket has bytes (or hung up); false
+/// at `deadline` or on shutdown.
+async fn wait_readable<I: Socket>(
+    io: &I,
+    deadline: Instant,
+    stop: &mut watch::Receiver<bool>,
+    app: &App,
+) -> bool {
+    if *stop.borrow() {
+        return false;
+    }
+    let gauge = &app.metrics.parked_connections;
+    gauge.inc();
+    let _parked = Defer(|| {
+        gauge.dec();
+    });
+    tokio::select! {
+        biased;
+        _ = stop.changed() => false,
+        r = tokio::time::timeout_at(deadline, io.tcp().readable()) => matches!(r, Ok(Ok(()))),
+    }
+}
+
+/// Runs a closure when dropped.
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// HTTP/2 with prior knowledge starts with this preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the bytes either match or rule out the HTTP/2 preface, and
+/// keeps them for hyper. `None` when the client goes away or runs out of time.
+async fn sniff_h2<I: Socket>(io: &mut ConnIo<I>, deadline: Instant) -> Option<bool> {
+    let mut buf = [0u8; 24];
+    let mut n = 0;
+    let h2 = loop {
+        let read = tokio::time::timeout_at(deadline, io.read(&mut buf[n..])).await;
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(k)) => n += k,
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            break false;
+        }
+        if n == H2_PREFACE.len() {
+            break true;
+        }
+    };
+    io.set_replay(Bytes::copy_from_slice(&buf[..n]));
+    Some(h2)
+}
+
+/// A response body that marks its request finished when dropped, so an
+/// HTTP/1.1 connection is never parked while a response is still streaming.
+pub struct Tracked {
+    body: ResponseBody,
+    _guard: InFlight,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = <ResponseBody as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl std::fmt::Debug for Tracked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tracked")
+    }
+}
