@@ -1145,6 +1145,25 @@ async fn forwarding_reuses_a_pooled_keepalive_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_idle_past_pool_idle_timeout_is_not_reused() {
+    let echo = EchoUpstream::start().await;
+    let text = echo_config(None, "workers = 1", &echo).replace(
+        "[upstreams.echo]",
+        "[upstreams.echo]\npool_idle_timeout = \"300ms\"",
+    );
+    let gw = start_gateway(&text).await;
+    let c = TestClient::h1(None);
+    assert_eq!(c.get(&gw.url("/v1/echo/a")).await.status, 200);
+    assert_eq!(c.get(&gw.url("/v1/echo/b")).await.status, 200);
+    assert_eq!(echo.connections(), 1, "reused while fresh");
+    // Time passing is the point here: nothing to wait on but the clock.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(c.get(&gw.url("/v1/echo/c")).await.status, 200);
+    assert_eq!(echo.connections(), 2, "a stale connection is replaced");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_round_robins_over_targets() {
     let a = EchoUpstream::start_named("a").await;
     let b = EchoUpstream::start_named("b").await;

@@ -4,6 +4,7 @@
 //! request that may have reached the upstream.
 
 pub mod headers;
+pub mod pool;
 
 use crate::config::{Route, Upstream};
 use crate::context::names;
@@ -13,10 +14,8 @@ use crate::keys::Environment;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{Either, Limited};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
+use pool::{Connector, PoolLimits, SendError, TargetPool};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -35,13 +34,16 @@ pub fn set_worker(i: usize) {
     WORKER.with(|w| w.set(i));
 }
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, ForwardBody>;
-
-/// Pooled clients for one upstream, one per worker.
+/// Connection pools for one upstream: per worker, one per target.
 pub struct UpstreamPool {
     /// The upstream's config (a pool is kept across reloads only while it is unchanged).
     pub config: Upstream,
-    clients: Vec<HttpClient>,
+    connector: Connector,
+    limits: PoolLimits,
+    /// `[worker][target]`, targets in the order of `targets` then `test_targets`.
+    workers: Vec<Vec<TargetPool>>,
+    /// `Host` for each target, as in its URL.
+    hosts: Vec<HeaderValue>,
     next: AtomicUsize,
 }
 
@@ -54,49 +56,49 @@ impl std::fmt::Debug for UpstreamPool {
 }
 
 impl UpstreamPool {
-    /// A pool for an upstream (one client per worker): keep-alive, connect
+    /// Pools for an upstream (one set per worker): keep-alive, connect
     /// timeout, idle timeout.
     pub fn new(config: Upstream, workers: usize) -> Self {
-        let clients = (0..workers.max(1)).map(|_| Self::client(&config)).collect();
+        let all: Vec<&Uri> = config.targets.iter().chain(&config.test_targets).collect();
+        let workers = (0..workers.max(1))
+            .map(|_| all.iter().map(|t| TargetPool::new((*t).clone())).collect())
+            .collect();
+        let hosts = all
+            .iter()
+            .map(|t| {
+                t.authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                    .unwrap_or_else(|| HeaderValue::from_static("localhost"))
+            })
+            .collect();
         UpstreamPool {
-            config,
-            clients,
+            connector: pool::connector(config.connect_timeout),
+            limits: PoolLimits {
+                connect_timeout: config.connect_timeout,
+                idle_timeout: config.pool_idle_timeout,
+                max_kept: config.pool_max_idle,
+            },
+            workers,
+            hosts,
             next: AtomicUsize::new(0),
+            config,
         }
     }
 
-    fn client(config: &Upstream) -> HttpClient {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.connect_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https)
-    }
-
-    fn client_for_this_thread(&self) -> &HttpClient {
-        let i = WORKER.with(|w| w.get());
-        &self.clients[i % self.clients.len()]
-    }
-
-    fn pick(&self, env: Option<Environment>) -> &Uri {
-        let list = match env {
-            Some(Environment::Test) if !self.config.test_targets.is_empty() => {
-                &self.config.test_targets
-            }
-            _ => &self.config.targets,
-        };
+    /// The index of the next target for a request (round-robin).
+    fn pick(&self, env: Option<Environment>) -> usize {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
-        &list[i % list.len()]
+        match env {
+            Some(Environment::Test) if !self.config.test_targets.is_empty() => {
+                self.config.targets.len() + i % self.config.test_targets.len()
+            }
+            _ => i % self.config.targets.len(),
+        }
+    }
+
+    fn target_pool(&self, target: usize) -> &TargetPool {
+        let w = WORKER.with(|w| w.get());
+        &self.workers[w % self.workers.len()][target]
     }
 }
 
@@ -120,20 +122,16 @@ pub async fn forward(
     let target = pool.pick(env);
     let upgrade = route.websocket && req.headers().contains_key(header::UPGRADE);
 
-    // The forwarded URI: the target's origin + the canonical path + the query.
+    // Origin-form on the upstream connection: the canonical path + the query.
     let mut pq = String::with_capacity(ctx.path.len() + 1 + req.uri().query().map_or(0, str::len));
     pq.push_str(&ctx.path);
     if let Some(q) = req.uri().query() {
         pq.push('?');
         pq.push_str(q);
     }
-    let mut parts = target.clone().into_parts();
-    parts.path_and_query = Some(
-        pq.parse()
-            .map_err(|_| GatewayError::BadRequest("malformed request target"))?,
-    );
-    let uri =
-        Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("malformed request target"))?;
+    let uri: Uri = pq
+        .parse()
+        .map_err(|_| GatewayError::BadRequest("malformed request target"))?;
 
     let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
         req.uri()
@@ -154,7 +152,8 @@ pub async fn forward(
         h.remove(header::AUTHORIZATION);
         h.remove(names::X_API_KEY);
     }
-    h.remove(header::HOST);
+    // The upstream sees its own name; X-Forwarded-Host carries the client's.
+    h.insert(header::HOST, pool.hosts[target].clone());
     h.insert(names::X_FORWARDED_FOR, fwd.xff);
     h.insert(
         names::X_FORWARDED_PROTO,
@@ -196,7 +195,8 @@ pub async fn forward(
     let sent = Instant::now();
     let result = tokio::time::timeout(
         pool.config.request_timeout,
-        pool.client_for_this_thread().request(out),
+        pool.target_pool(target)
+            .send(&pool.connector, pool.limits, out),
     )
     .await;
     ctx.upstream_latency = Some(sent.elapsed());
@@ -228,9 +228,9 @@ pub async fn forward(
     Ok(Response::from_parts(parts, Either::Left(body)))
 }
 
-/// Maps a client error: a body over the size limit is the client's fault
+/// Maps a send error: a body over the size limit is the client's fault
 /// (413); anything else means the upstream refused, reset or spoke garbage.
-fn classify(e: &hyper_util::client::legacy::Error) -> GatewayError {
+fn classify(e: &SendError) -> GatewayError {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = src {
         if s.is::<http_body_util::LengthLimitError>() {
@@ -238,11 +238,7 @@ fn classify(e: &hyper_util::client::legacy::Error) -> GatewayError {
         }
         src = s.source();
     }
-    if e.is_connect() {
-        GatewayError::UpstreamUnavailable(format!("connect: {e:?}"))
-    } else {
-        GatewayError::UpstreamUnavailable(format!("{e:?}"))
-    }
+    GatewayError::UpstreamUnavailable(e.to_string())
 }
 
 /// The pools of one config snapshot, by upstream name.

@@ -1,0 +1,159 @@
+//! Keep-alive connections to one upstream target, one pool per worker.
+//!
+//! Built on hyper's connection API rather than hyper-util's pooled client:
+//! that client races a fresh connect against every wait for an idle
+//! connection (a burst of requests became a burst of thousands of connects)
+//! and spawns a task per request to return its connection. Here a request
+//! takes a ready connection or opens one, and hands it straight back; a
+//! connection is ready again once hyper has finished its response.
+
+use super::ForwardBody;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tower_service::Service;
+
+/// Why a request got no response from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be opened (refused, unreachable, TLS, timeout).
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The connection failed while the request or response was on it.
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// The connector for http and https upstreams (TCP, then rustls with the
+/// webpki roots for https).
+pub type Connector = HttpsConnector<HttpConnector>;
+
+/// Builds the connector for an upstream.
+pub fn connector(connect_timeout: Duration) -> Connector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
+/// One worker's connections to one target.
+pub struct TargetPool {
+    target: http::Uri,
+    conns: Mutex<Vec<Pooled>>,
+}
+
+struct Pooled {
+    tx: SendRequest<ForwardBody>,
+    used: Instant,
+}
+
+/// Limits a pool works within (from the upstream's config).
+#[derive(Clone, Copy)]
+pub struct PoolLimits {
+    /// Connect (TCP + TLS) timeout.
+    pub connect_timeout: Duration,
+    /// A connection unused this long is closed rather than reused.
+    pub idle_timeout: Duration,
+    /// Connections kept per worker and target.
+    pub max_kept: usize,
+}
+
+impl TargetPool {
+    /// An empty pool for `target` (scheme and authority).
+    pub fn new(target: http::Uri) -> Self {
+        TargetPool {
+            target,
+            conns: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Sends `req` on a ready pooled connection, or on a new one. A request
+    /// is retried (once, on a new connection) only when hyper hands it back
+    /// unsent: a pooled connection the upstream had just closed.
+    pub async fn send(
+        &self,
+        connector: &Connector,
+        limits: PoolLimits,
+        mut req: http::Request<ForwardBody>,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        loop {
+            let (mut tx, fresh) = match self.take_ready(limits.idle_timeout) {
+                Some(tx) => (tx, false),
+                None => (self.connect(connector, limits.connect_timeout).await?, true),
+            };
+            let response = tx.try_send_request(req);
+            // Back in the pool at once: busy until hyper finishes this
+            // exchange, then ready for the next request.
+            self.put_back(tx, limits.max_kept);
+            match response.await {
+                Ok(r) => return Ok(r),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => req = unsent,
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The most recently used ready connection, dropping closed and stale ones.
+    fn take_ready(&self, idle_timeout: Duration) -> Option<SendRequest<ForwardBody>> {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let mut i = conns.len();
+        while i > 0 {
+            i -= 1;
+            let c = &conns[i];
+            if c.tx.is_closed() || now.duration_since(c.used) >= idle_timeout {
+                // Dropping the sender closes the connection once it is idle.
+                conns.swap_remove(i);
+            } else if c.tx.is_ready() {
+                return Some(conns.swap_remove(i).tx);
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, tx: SendRequest<ForwardBody>, max_kept: usize) {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        if conns.len() < max_kept {
+            conns.push(Pooled {
+                tx,
+                used: Instant::now(),
+            });
+        }
+        // Otherwise dropped: the connection closes after this exchange.
+    }
+
+    async fn connect(
+        &self,
+        connector: &Connector,
+        timeout: Duration,
+    ) -> Result<SendRequest<ForwardBody>, SendError> {
+        let mut c = connector.clone();
+        let io = tokio::time::timeout(timeout, async {
+            std::future::poll_fn(|cx| c.poll_ready(cx)).await?;
+            c.call(self.target.clone()).await
+        })
+        .await
+        .map_err(|_| SendError::Connect("timed out".into()))?
+        .map_err(|e| SendError::Connect(e.to_string()))?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(tx)
+    }
+}
