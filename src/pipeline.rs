@@ -63,7 +63,11 @@ async fn inner(
 
     if cfg.self_service && crate::admin::self_service::handles(&ctx.path) {
         let client_ip = client_ip(req.headers(), ctx.conn, cfg);
-        return crate::admin::self_service::handle(req, ctx, cfg, app, client_ip).await;
+        // Boxed: a rare path whose future would otherwise size every request's.
+        return Box::pin(crate::admin::self_service::handle(
+            req, ctx, cfg, app, client_ip,
+        ))
+        .await;
     }
     if let Some(resp) = preflight(&req, &ctx.path, cfg) {
         return Ok(resp);

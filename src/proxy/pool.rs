@@ -87,7 +87,12 @@ impl TargetPool {
         loop {
             let (mut tx, fresh) = match self.take_ready(limits.idle_timeout) {
                 Some(tx) => (tx, false),
-                None => (self.connect(connector, limits.connect_timeout).await?, true),
+                // Boxed: connecting is the rare case, and its future would
+                // otherwise size every request's.
+                None => (
+                    Box::pin(self.connect(connector, limits.connect_timeout)).await?,
+                    true,
+                ),
             };
             let response = tx.try_send_request(req);
             // Back in the pool at once: busy until hyper finishes this
