@@ -220,6 +220,12 @@ impl GatewayError {
 /// Appends `s` as a JSON string literal (quoted and escaped).
 fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
+    // Messages and request ids rarely need escaping: copy them whole.
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

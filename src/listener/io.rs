@@ -215,6 +215,22 @@ pub struct FramingSniffer {
 }
 
 impl FramingSniffer {
+    /// A line ended: true if the head it belongs to is now in conflict.
+    fn end_line(&mut self) -> bool {
+        let line = &self.line[..self.line_len];
+        self.line_len = 0;
+        if line.is_empty() || line == b"\r" {
+            // A blank line ends a head; the next head starts afresh.
+            self.saw_cl = 0;
+            self.saw_te = false;
+        } else if line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:") {
+            self.saw_cl = self.saw_cl.saturating_add(1);
+        } else if line.len() >= 18 && line[..18].eq_ignore_ascii_case(b"transfer-encoding:") {
+            self.saw_te = true;
+        }
+        (self.saw_cl > 0 && self.saw_te) || self.saw_cl > 1
+    }
+
     /// Feeds the next bytes read; true once a conflicting head was seen.
     pub fn scan(&mut self, bytes: &[u8]) -> bool {
         if self.done {
@@ -228,28 +244,23 @@ impl FramingSniffer {
                 return false;
             }
         }
-        for &b in bytes {
-            if b == b'\n' {
-                let line = &self.line[..self.line_len];
-                let blank = line.is_empty() || line == b"\r";
-                if blank {
-                    self.saw_cl = 0;
-                    self.saw_te = false;
-                } else if line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:") {
-                    self.saw_cl = self.saw_cl.saturating_add(1);
-                } else if line.len() >= 18 && line[..18].eq_ignore_ascii_case(b"transfer-encoding:")
-                {
-                    self.saw_te = true;
-                }
-                if (self.saw_cl > 0 && self.saw_te) || self.saw_cl > 1 {
-                    self.done = true;
-                    return true;
-                }
-                self.line_len = 0;
-            } else if self.line_len < self.line.len() {
-                self.line[self.line_len] = b;
-                self.line_len += 1;
+        let mut rest = bytes;
+        loop {
+            // Only each line's first bytes matter: jump from newline to newline.
+            let (part, next) = match memchr::memchr(b'\n', rest) {
+                Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+                None => (rest, None),
+            };
+            let room = self.line.len() - self.line_len;
+            let take = part.len().min(room);
+            self.line[self.line_len..self.line_len + take].copy_from_slice(&part[..take]);
+            self.line_len += take;
+            let Some(next) = next else { break };
+            if self.end_line() {
+                self.done = true;
+                return true;
             }
+            rest = next;
         }
         false
     }

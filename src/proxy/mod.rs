@@ -196,7 +196,7 @@ pub async fn forward(
     let result = tokio::time::timeout(
         pool.config.request_timeout,
         pool.target_pool(target)
-            .send(&pool.connector, pool.limits, out),
+            .send(&pool.connector, pool.limits, out, sent),
     )
     .await;
     ctx.upstream_latency = Some(sent.elapsed());

@@ -75,7 +75,7 @@ impl TargetPool {
         }
     }
 
-    /// Sends `req` on a ready pooled connection, or on a new one. A request
+    /// Sends `req` (at `now`) on a ready pooled connection, or on a new one. A request
     /// is retried (once, on a new connection) only when hyper hands it back
     /// unsent: a pooled connection the upstream had just closed.
     pub async fn send(
@@ -83,9 +83,10 @@ impl TargetPool {
         connector: &Connector,
         limits: PoolLimits,
         mut req: http::Request<ForwardBody>,
+        now: Instant,
     ) -> Result<http::Response<Incoming>, SendError> {
         loop {
-            let (mut tx, fresh) = match self.take_ready(limits.idle_timeout) {
+            let (mut tx, fresh) = match self.take_ready(limits.idle_timeout, now) {
                 Some(tx) => (tx, false),
                 // Boxed: connecting is the rare case, and its future would
                 // otherwise size every request's.
@@ -97,7 +98,7 @@ impl TargetPool {
             let response = tx.try_send_request(req);
             // Back in the pool at once: busy until hyper finishes this
             // exchange, then ready for the next request.
-            self.put_back(tx, limits.max_kept);
+            self.put_back(tx, limits.max_kept, now);
             match response.await {
                 Ok(r) => return Ok(r),
                 Err(mut e) => match e.take_message() {
@@ -109,9 +110,8 @@ impl TargetPool {
     }
 
     /// The most recently used ready connection, dropping closed and stale ones.
-    fn take_ready(&self, idle_timeout: Duration) -> Option<SendRequest<ForwardBody>> {
+    fn take_ready(&self, idle_timeout: Duration, now: Instant) -> Option<SendRequest<ForwardBody>> {
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
         let mut i = conns.len();
         while i > 0 {
             i -= 1;
@@ -126,13 +126,10 @@ impl TargetPool {
         None
     }
 
-    fn put_back(&self, tx: SendRequest<ForwardBody>, max_kept: usize) {
+    fn put_back(&self, tx: SendRequest<ForwardBody>, max_kept: usize, now: Instant) {
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         if conns.len() < max_kept {
-            conns.push(Pooled {
-                tx,
-                used: Instant::now(),
-            });
+            conns.push(Pooled { tx, used: now });
         }
         // Otherwise dropped: the connection closes after this exchange.
     }
