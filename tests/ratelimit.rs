@@ -921,7 +921,10 @@ fn redis_outage_applies_on_store_error_and_limits_come_back_from_redis() {
     let mut redis = RedisServer::start();
     let up = Upstream::start();
     let gw = |name: &str, on_error: &str| {
-        let rl = format!("mode = \"redis\"\non_store_error = \"{on_error}\"");
+        // A generous Redis timeout: under a loaded test run the first call
+        // (connect + script load) can take longer than the 100 ms default,
+        // and `deny` would turn that into a 429 before the outage starts.
+        let rl = format!("mode = \"redis\"\non_store_error = \"{on_error}\"\ntimeout = \"1s\"");
         let body = config_body(&redis.url(), &rl, PLAN_5_PER_MINUTE, &up, "");
         Gw::start(dir.path(), name, &body)
     };
