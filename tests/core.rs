@@ -626,6 +626,31 @@ async fn many_idle_connections_are_parked_and_all_serve_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_connections_with_half_sent_heads_is_served() {
+    let echo = EchoUpstream::start().await;
+    let gw = start_gateway(&echo_config(None, "", &echo)).await;
+    // More open sessions than the listener keeps warm: each one waiting for
+    // the rest of its head is parked at once and must keep what it read.
+    let mut conns = Vec::new();
+    for i in 0..200 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(format!("GET /v1/echo/h{i} HTTP/1.1\r\nHost: a\r\n").as_bytes())
+            .await
+            .unwrap();
+        conns.push(s);
+    }
+    for s in conns.iter_mut() {
+        s.write_all(b"X-Rest: 1\r\n\r\n").await.unwrap();
+    }
+    for s in conns.iter_mut() {
+        let r = read_one_response(s).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    assert_eq!(echo.count(), 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_read_timeout_closes_a_slow_client() {
     let echo = EchoUpstream::start().await;
     let gw = start_gateway(&echo_config(None, "header_read_timeout = \"500ms\"", &echo)).await;

@@ -188,22 +188,21 @@ pub async fn serve<I: Socket>(
         } = parts;
         io = parked_io.into_inner();
         let now = Instant::now();
-        if read_buf.is_empty() {
-            // Even empty, `read_buf` holds hyper's read buffer.
-            drop(read_buf);
+        let deadline = if read_buf.is_empty() {
             head_since = None;
-            if !wait_readable(io.get_ref(), now + limits.keepalive, &mut stop, &app).await {
-                return;
-            }
+            now + limits.keepalive
         } else {
-            // Part of a request head (or, in theory, a whole pipelined one)
-            // was read: serve it again at once, on the head's own clock.
-            // Copied, since the slice pins hyper's whole read buffer.
+            // Part of a request head was read (hyper parses whole ones
+            // before it waits): replay it to the next session once the rest
+            // arrives, on the head's own clock. Copied, since the slice
+            // pins hyper's whole read buffer.
             io.set_replay(Bytes::copy_from_slice(&read_buf));
-            drop(read_buf);
-            if now >= *head_since.get_or_insert(now) + limits.header_read || *stop.borrow() {
-                return;
-            }
+            *head_since.get_or_insert(now) + limits.header_read
+        };
+        // Even empty, `read_buf` holds hyper's read buffer.
+        drop(read_buf);
+        if !wait_readable(io.get_ref(), deadline, &mut stop, &app).await {
+            return;
         }
     }
 }
