@@ -20,6 +20,13 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// `Upgrade` is removed too unless `keep_upgrade` (a WebSocket route).
 /// Returns whether the client asked for trailers (`TE: trailers`).
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
+    let is_hop = |n: &HeaderName| HOP_BY_HOP.contains(n) || (!keep_upgrade && n == header::UPGRADE);
+    // One pass over the names present (a handful) instead of a hash lookup
+    // per hop-by-hop name: most requests carry none.
+    let present: Vec<HeaderName> = h.keys().filter(|n| is_hop(n)).cloned().collect();
+    if present.is_empty() {
+        return false;
+    }
     let wants_trailers = h.get_all(header::TE).iter().any(|v| {
         v.to_str().is_ok_and(|s| {
             s.split(',')
@@ -41,11 +48,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
             h.remove(&n);
         }
     }
-    for n in &HOP_BY_HOP {
+    for n in &present {
         h.remove(n);
-    }
-    if !keep_upgrade {
-        h.remove(header::UPGRADE);
     }
     wants_trailers
 }
@@ -70,5 +74,20 @@ mod tests {
         assert!(strip_hop_by_hop(&mut h, false));
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-end-to-end"], "kept");
+    }
+
+    #[test]
+    fn leaves_end_to_end_headers_and_keeps_upgrade_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "a".parse().unwrap());
+        h.insert("x-end-to-end", "kept".parse().unwrap());
+        assert!(!strip_hop_by_hop(&mut h, false));
+        assert_eq!(h.len(), 2);
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert(header::CONNECTION, "upgrade".parse().unwrap());
+        assert!(!strip_hop_by_hop(&mut h, true));
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert!(!h.contains_key(header::CONNECTION));
+        assert!(!strip_hop_by_hop(&mut h, false) && !h.contains_key(header::UPGRADE));
     }
 }
