@@ -304,6 +304,29 @@ def idle_connections(port, pid, n, path):
     return (after - before) / max(held, 1), before, after, held
 
 
+def idle_burst(port, pid, n, path):
+    """As ../shared/acceptance/perf measures: n connections each send a request
+    before any answer is read, so most are in flight at once; returns
+    (KiB/conn, rss before, rss after, connections)."""
+    before = rss_kib(pid)
+    socks = []
+    req = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), 10)
+            s.sendall(req)
+            socks.append(s)
+        for s in socks:
+            read_response(s)
+    except OSError as e:
+        log(f"  warning: burst stopped at {len(socks)} connections: {e}")
+    time.sleep(0.5)
+    after = rss_kib(pid)
+    for s in socks:
+        s.close()
+    return (after - before) / max(len(socks), 1), before, after, len(socks)
+
+
 # --- redis ---------------------------------------------------------------------------
 
 def redis_calls(port):
@@ -486,6 +509,18 @@ def run(args, tmp, conns):
     log(f"  portcullis  {per:6.2f} KiB/conn   RSS {b} -> {a} KiB over {held} connections   (acceptance: <= 4 KiB)")
     per_n, b, a, held = idle_connections(nx_port, nx_worker, conns, "/")
     log(f"  nginx       {per_n:6.2f} KiB/conn   RSS {b} -> {a} KiB over {held} connections (front worker)")
+
+    # The acceptance check's way: a fresh gateway, warmed by wrk, then a burst.
+    burst = min(4000, conns)
+    log(f"\nBurst of {burst} connections (all requests sent before any answer is read, as the acceptance check does)")
+    g2_port = free_port()
+    cfg2 = gateway_config(tmp, "burst", g2_port, free_port(), up_port, f"sqlite://{tmp}/bench.db", "local")
+    g2 = gateway(args.bin, cfg2, g2_port, os.path.join(tmp, "burst.log"))
+    wrk(f"http://127.0.0.1:{g2_port}/plain", [g2.pid], 2)
+    per_b, b, a, held = idle_burst(g2_port, g2.pid, burst, "/plain")
+    log(f"  portcullis  {per_b:6.2f} KiB/conn   RSS {b} -> {a} KiB over {held} connections   (peak of the burst; see README)")
+    g2.terminate()
+    g2.wait(15)
 
     if args.redis:
         g.terminate()

@@ -4,7 +4,9 @@
 #   - requests/s, latency and CPU µs per request (wrk -t1 -c32): nginx,
 #     portcullis plain route (auth = "none"), keyed route (valid key), invalid
 #     keys (forged with a valid checksum, and mistyped);
-#   - RSS per idle keep-alive connection (10,000 connections), portcullis and nginx.
+#   - RSS per idle keep-alive connection (10,000 connections), portcullis and nginx;
+#   - RSS per connection after a burst of 4,000 (every request sent before any
+#     answer is read, as ../shared/acceptance/perf does), on a fresh gateway.
 # With --redis it also measures the keyed path in rate_limit.mode = "hybrid" and
 # "redis" on a local redis-server, with Redis commands per request.
 #
