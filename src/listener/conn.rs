@@ -169,6 +169,9 @@ pub async fn serve<I: Socket>(
                         tracing::debug!(peer = %conn.peer, "request head timed out");
                         return;
                     } else if activity == seen_activity {
+                        // Quiet for a whole tick. One edge: a client that stalls
+                        // mid-body after the upstream already answered would have
+                        // the rest of its body read as a new request (400, close).
                         break session.into_parts();
                     } else {
                         head_since.get_or_insert(now);
