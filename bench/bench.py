@@ -281,9 +281,12 @@ def ratio(a, b):
 
 # --- idle connections ------------------------------------------------------------
 
-def idle_connections(port, pid, n, path):
-    """Opens n keep-alive connections, each sends one request and reads its
-    response; returns (KiB/conn, rss before, rss after, connections held)."""
+def idle_connections(port, pid, n, path, burst=False):
+    """Opens n keep-alive connections, each sending one request; returns
+    (KiB/conn, rss before, rss after, connections held). Each response is read
+    before the next connection opens, or with `burst` (as
+    ../shared/acceptance/perf measures) only after every request was sent, so
+    most are in flight at once."""
     before = rss_kib(pid)
     socks = []
     req = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
@@ -292,39 +295,20 @@ def idle_connections(port, pid, n, path):
             s = socket.create_connection(("127.0.0.1", port), 10)
             socks.append(s)
             s.sendall(req)
-            read_response(s)
+            if not burst:
+                read_response(s)
+        if burst:
+            for s in socks:
+                read_response(s)
     except OSError as e:
         log(f"  warning: stopped at {len(socks)} connections: {e}")
-    time.sleep(1.0)
+    time.sleep(0.5 if burst else 1.0)
     after = rss_kib(pid)
     held = len(socks)
     for s in socks:
         s.close()
     time.sleep(0.5)
     return (after - before) / max(held, 1), before, after, held
-
-
-def idle_burst(port, pid, n, path):
-    """As ../shared/acceptance/perf measures: n connections each send a request
-    before any answer is read, so most are in flight at once; returns
-    (KiB/conn, rss before, rss after, connections)."""
-    before = rss_kib(pid)
-    socks = []
-    req = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
-    try:
-        for _ in range(n):
-            s = socket.create_connection(("127.0.0.1", port), 10)
-            s.sendall(req)
-            socks.append(s)
-        for s in socks:
-            read_response(s)
-    except OSError as e:
-        log(f"  warning: burst stopped at {len(socks)} connections: {e}")
-    time.sleep(0.5)
-    after = rss_kib(pid)
-    for s in socks:
-        s.close()
-    return (after - before) / max(len(socks), 1), before, after, len(socks)
 
 
 # --- redis ---------------------------------------------------------------------------
@@ -517,7 +501,7 @@ def run(args, tmp, conns):
     cfg2 = gateway_config(tmp, "burst", g2_port, free_port(), up_port, f"sqlite://{tmp}/bench.db", "local")
     g2 = gateway(args.bin, cfg2, g2_port, os.path.join(tmp, "burst.log"))
     wrk(f"http://127.0.0.1:{g2_port}/plain", [g2.pid], 2)
-    per_b, b, a, held = idle_burst(g2_port, g2.pid, burst, "/plain")
+    per_b, b, a, held = idle_connections(g2_port, g2.pid, burst, "/plain", burst=True)
     log(f"  portcullis  {per_b:6.2f} KiB/conn   RSS {b} -> {a} KiB over {held} connections   (peak of the burst; see README)")
     g2.terminate()
     g2.wait(15)
