@@ -227,7 +227,9 @@ pub struct Upstream {
     pub request_timeout: Duration,
     /// How long an idle pooled connection is kept (default 90s).
     pub pool_idle_timeout: Duration,
-    /// Idle connections kept per target (default 256).
+    /// Idle connections kept per target and worker (default 32, like a
+    /// typical nginx `keepalive`): an idle upstream connection holds ~30 KiB
+    /// of hyper buffers, and a burst beyond this closes instead of staying.
     pub pool_max_idle: usize,
 }
 
@@ -806,7 +808,7 @@ impl Validator<'_> {
                     connect_timeout: dur(uf.connect_timeout, "1s"),
                     request_timeout: dur(uf.request_timeout, "30s"),
                     pool_idle_timeout: dur(uf.pool_idle_timeout, "90s"),
-                    pool_max_idle: uf.pool_max_idle.unwrap_or(256),
+                    pool_max_idle: uf.pool_max_idle.unwrap_or(32),
                 },
             );
         }

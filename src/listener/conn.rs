@@ -100,16 +100,147 @@ pub async fn serve<I: Socket>(
             None => return,
         },
     };
+    if h2 {
+        // Boxed: hyper's HTTP/2 state would otherwise size every task.
+        let service = service(&shared, conn, &app);
+        return Box::pin(serve_h2(io, service, limits, conn, stop)).await;
+    }
 
-    let svc_shared = shared.clone();
-    let svc_app = app.clone();
-    let service = service_fn(move |req: Request<Incoming>| {
-        let guard = svc_shared.start_request(!hyper::body::Body::is_end_stream(req.body()));
+    // When the current request head started, if one is pending.
+    let mut head_since: Option<Instant> = None;
+    loop {
+        // Boxed: the session's state (hyper's buffers, its timer) is freed
+        // the moment it parks, so a parked task keeps none of it.
+        let session = Box::pin(session(
+            io,
+            limits,
+            &shared,
+            &mut stop,
+            &mut head_since,
+            conn,
+            &app,
+        ));
+        let Some((parked_io, partial)) = session.await else {
+            return;
+        };
+        io = parked_io;
+        let now = Instant::now();
+        let deadline = if partial.is_empty() {
+            head_since = None;
+            now + limits.keepalive
+        } else {
+            // Part of a request head was read (hyper parses whole ones
+            // before it waits): replay it to the next session once the rest
+            // arrives, on the head's own clock.
+            io.set_replay(partial);
+            *head_since.get_or_insert(now) + limits.header_read
+        };
+        if !wait_readable(io.get_ref(), deadline, &mut stop, &app).await {
+            return;
+        }
+    }
+}
+
+/// Serves HTTP/1.1 requests on `io` with one hyper session until the
+/// connection closes (`None`) or goes idle: then the session is taken apart
+/// and the stream comes back with any partial request head hyper had read.
+/// The builder and service are made here, not kept by the connection, so
+/// a parked connection holds neither.
+async fn session<I: Socket>(
+    io: ConnIo<I>,
+    limits: Limits,
+    shared: &Arc<ConnShared>,
+    stop: &mut watch::Receiver<bool>,
+    head_since: &mut Option<Instant>,
+    conn: ConnInfo,
+    app: &Arc<App>,
+) -> Option<(ConnIo<I>, Bytes)> {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    // Timeouts are this loop's job (below): hyper's header timer would cost a
+    // timer allocation per request.
+    b.max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    let mut session = b
+        .serve_connection(TokioIo::new(io), service(shared, conn, app))
+        .with_upgrades();
+    let _counted = Session::open();
+    let mut tick = std::pin::pin!(tokio::time::sleep(TICK));
+    let mut seen_activity = shared.activity();
+    let mut seen_requests = shared.requests();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut session => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+                }
+                return None;
+            }
+            // Polled right after the session, so it sees hyper's latest state.
+            _ = std::future::poll_fn(|_| {
+                if Session::crowded() && shared.waiting() { Poll::Ready(()) } else { Poll::Pending }
+            }), if !draining => break,
+            _ = stop.changed(), if !draining => {
+                draining = true;
+                Pin::new(&mut session).graceful_shutdown();
+            }
+            _ = &mut tick, if !draining => {
+                let now = Instant::now();
+                let (activity, requests) = (shared.activity(), shared.requests());
+                if shared.busy() || requests != seen_requests {
+                    *head_since = None;
+                } else if head_since.is_some_and(|t| now >= t + limits.header_read) {
+                    // Bytes keep trickling in but no request head completes.
+                    tracing::debug!(peer = %conn.peer, "request head timed out");
+                    return None;
+                } else if activity == seen_activity {
+                    // Quiet for a whole tick. One edge: a client that stalls
+                    // mid-body after the upstream already answered would have
+                    // the rest of its body read as a new request (400, close).
+                    break;
+                } else {
+                    head_since.get_or_insert(now);
+                }
+                seen_activity = activity;
+                seen_requests = requests;
+                tick.as_mut().reset(now + TICK);
+            }
+        }
+    }
+    let parts = session.into_parts()?;
+    // Copied: the slice pins hyper's whole read buffer, even when empty.
+    let partial = if parts.read_buf.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&parts.read_buf)
+    };
+    Some((parts.io.into_inner(), partial))
+}
+
+/// The connection's request handler: runs the pipeline and tracks the
+/// request in flight until its response body is finished.
+fn service(
+    shared: &Arc<ConnShared>,
+    conn: ConnInfo,
+    app: &Arc<App>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = http::Response<Tracked>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<http::Response<Tracked>, Infallible>> + Send + 'static,
+> + Clone
++ Send
++ 'static {
+    let shared = shared.clone();
+    let app = app.clone();
+    service_fn(move |req: Request<Incoming>| {
+        let guard = shared.start_request(!hyper::body::Body::is_end_stream(req.body()));
         let conn = ConnInfo {
-            framing_conflict: svc_shared.framing_conflict.load(Ordering::Relaxed),
+            framing_conflict: shared.framing_conflict.load(Ordering::Relaxed),
             ..conn
         };
-        let app = svc_app.clone();
+        let app = app.clone();
         async move {
             let resp = crate::pipeline::handle(req, conn, &app).await;
             Ok::<_, Infallible>(resp.map(|body| Tracked {
@@ -117,97 +248,7 @@ pub async fn serve<I: Socket>(
                 _guard: guard,
             }))
         }
-    });
-
-    if h2 {
-        // Boxed: hyper's HTTP/2 state would otherwise size every task.
-        return Box::pin(serve_h2(io, service, limits, conn, stop)).await;
-    }
-
-    let mut b = hyper::server::conn::http1::Builder::new();
-    // Timeouts are this loop's job (below): hyper's header timer would cost a
-    // timer allocation per request.
-    b.max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    // When the current request head started, if one is pending.
-    let mut head_since: Option<Instant> = None;
-    loop {
-        // Boxed: while parked, the task keeps none of hyper's state.
-        let mut session = Box::new(
-            b.serve_connection(TokioIo::new(io), service.clone())
-                .with_upgrades(),
-        );
-        let counted = Session::open();
-        let mut tick = Box::pin(tokio::time::sleep(TICK));
-        let mut seen_activity = shared.activity();
-        let mut seen_requests = shared.requests();
-        let mut draining = false;
-        let parked = loop {
-            tokio::select! {
-                biased;
-                r = &mut *session => {
-                    if let Err(e) = r {
-                        tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
-                    }
-                    return;
-                }
-                // Polled right after the session, so it sees hyper's latest state.
-                _ = std::future::poll_fn(|_| {
-                    if Session::crowded() && shared.waiting() { Poll::Ready(()) } else { Poll::Pending }
-                }), if !draining => break session.into_parts(),
-                _ = stop.changed(), if !draining => {
-                    draining = true;
-                    Pin::new(&mut *session).graceful_shutdown();
-                }
-                _ = &mut tick, if !draining => {
-                    let now = Instant::now();
-                    let (activity, requests) = (shared.activity(), shared.requests());
-                    if shared.busy() || requests != seen_requests {
-                        head_since = None;
-                    } else if head_since.is_some_and(|t| now >= t + limits.header_read) {
-                        // Bytes keep trickling in but no request head completes.
-                        tracing::debug!(peer = %conn.peer, "request head timed out");
-                        return;
-                    } else if activity == seen_activity {
-                        // Quiet for a whole tick. One edge: a client that stalls
-                        // mid-body after the upstream already answered would have
-                        // the rest of its body read as a new request (400, close).
-                        break session.into_parts();
-                    } else {
-                        head_since.get_or_insert(now);
-                    }
-                    seen_activity = activity;
-                    seen_requests = requests;
-                    tick.as_mut().reset(now + TICK);
-                }
-            }
-        };
-        drop(counted);
-        let Some(parts) = parked else { return };
-        let hyper::server::conn::http1::Parts {
-            io: parked_io,
-            read_buf,
-            ..
-        } = parts;
-        io = parked_io.into_inner();
-        let now = Instant::now();
-        let deadline = if read_buf.is_empty() {
-            head_since = None;
-            now + limits.keepalive
-        } else {
-            // Part of a request head was read (hyper parses whole ones
-            // before it waits): replay it to the next session once the rest
-            // arrives, on the head's own clock. Copied, since the slice
-            // pins hyper's whole read buffer.
-            io.set_replay(Bytes::copy_from_slice(&read_buf));
-            *head_since.get_or_insert(now) + limits.header_read
-        };
-        // Even empty, `read_buf` holds hyper's read buffer.
-        drop(read_buf);
-        if !wait_readable(io.get_ref(), deadline, &mut stop, &app).await {
-            return;
-        }
-    }
+    })
 }
 
 /// HTTP/2 keeps its hyper state for the connection's life: its streams
@@ -263,7 +304,10 @@ async fn wait_readable<I: Socket>(
     tokio::select! {
         biased;
         _ = stop.changed() => false,
-        r = tokio::time::timeout_at(deadline, io.tcp().readable()) => matches!(r, Ok(Ok(()))),
+        // `poll_read_ready` keeps its waker in the socket's registration,
+        // so waiting adds nothing to the task (`readable()` would add 150 B).
+        r = std::future::poll_fn(|cx| io.tcp().poll_read_ready(cx)) => r.is_ok(),
+        _ = tokio::time::sleep_until(deadline) => false,
     }
 }
 

@@ -137,6 +137,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
             let n = me.replay.len().min(buf.remaining());
             buf.put_slice(&me.replay[..n]);
             me.replay.advance(n);
+            if me.replay.is_empty() {
+                // An emptied `Bytes` still holds its buffer.
+                me.replay = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
