@@ -9,9 +9,10 @@
 
 use super::window::WindowState;
 use crate::config::{Limit, Scope};
+use foldhash::fast::RandomState;
 use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Number of shards (one bit each in a `u64` mask).
@@ -199,7 +200,9 @@ impl Entry {
 #[derive(Debug, Default)]
 pub struct Shard {
     /// The entries.
-    pub map: HashMap<EntryKey, Entry>,
+    /// foldhash, seeded per table: two hashes per limit per request, and
+    /// SipHash cost more than the rest of the lookup.
+    pub map: HashMap<EntryKey, Entry, RandomState>,
     /// Hybrid: keys whose `pending` became non-zero since the last flush.
     pub dirty: Vec<EntryKey>,
     next_sweep_ms: u64,
@@ -246,7 +249,7 @@ impl Default for Table {
     fn default() -> Self {
         Table {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 }
