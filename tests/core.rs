@@ -1189,6 +1189,36 @@ async fn a_pooled_connection_idle_past_pool_idle_timeout_is_not_reused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_more_than_pool_max_idle_upstream_connections_are_kept() {
+    let slow = SlowUpstream::start(Duration::from_millis(200)).await;
+    let text = format!(
+        "{}\n[upstreams.slow]\ntargets = [\"{}\"]\npool_max_idle = 2\n[[routes]]\nname = \"slow\"\npath = \"/v1/slow\"\nupstream = \"slow\"\nauth = \"none\"\n",
+        gateway_toml(None, "workers = 1"),
+        slow.url()
+    );
+    let gw = start_gateway(&text).await;
+    let c = TestClient::h1(None);
+    let url = gw.url("/v1/slow");
+    let burst = || futures_util::future::join_all((0..6).map(|_| c.get(&url)));
+    for r in burst().await {
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(slow.max_in_flight(), 6, "the six requests overlapped");
+    assert_eq!(
+        slow.connections(),
+        6,
+        "one connection per request in flight"
+    );
+    for r in burst().await {
+        assert_eq!(r.status, 200);
+    }
+    // Two were kept and reused; the other four had closed after their
+    // exchange, so four more were opened.
+    assert_eq!(slow.connections(), 10);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_round_robins_over_targets() {
     let a = EchoUpstream::start_named("a").await;
     let b = EchoUpstream::start_named("b").await;

@@ -885,6 +885,7 @@ pub struct SlowUpstream {
     arrived: Arc<AtomicUsize>,
     completed: Arc<AtomicUsize>,
     max_in_flight: Arc<AtomicUsize>,
+    conns: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -902,9 +903,10 @@ impl SlowUpstream {
             in_flight,
             max_in_flight.clone(),
         );
+        let conns = Arc::new(AtomicU64::new(0));
         let task = serve_hyper(
             listener,
-            Arc::new(AtomicU64::new(0)),
+            conns.clone(),
             move |req: Request<Incoming>, _conn| {
                 let (a, c, i, m) = (a.clone(), c.clone(), i.clone(), m.clone());
                 async move {
@@ -924,6 +926,7 @@ impl SlowUpstream {
             arrived,
             completed,
             max_in_flight,
+            conns,
             task,
         }
     }
@@ -946,6 +949,11 @@ impl SlowUpstream {
     /// The most requests in flight at once.
     pub fn max_in_flight(&self) -> usize {
         self.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// How many TCP connections were accepted.
+    pub fn connections(&self) -> u64 {
+        self.conns.load(Ordering::SeqCst)
     }
 }
 
