@@ -22,6 +22,15 @@ use tokio_tungstenite::tungstenite::Message;
 
 // ───────────────────────────────── helpers ─────────────────────────────────
 
+/// A gateway config with one route, `/v1/slow`, to `slow` (no key).
+fn slow_config(server_extra: &str, upstream_extra: &str, slow: &SlowUpstream) -> String {
+    format!(
+        "{}\n[upstreams.slow]\ntargets = [\"{}\"]\n{upstream_extra}\n[[routes]]\nname = \"slow\"\npath = \"/v1/slow\"\nupstream = \"slow\"\nauth = \"none\"\n",
+        gateway_toml(None, server_extra),
+        slow.url()
+    )
+}
+
 /// `[server]` (+ TLS) and one `echo` upstream behind `/v1/echo/*rest` (auth none).
 fn echo_config(certs: Option<&TestCerts>, server_extra: &str, echo: &EchoUpstream) -> String {
     format!(
@@ -782,11 +791,7 @@ async fn max_connections_caps_open_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_max_concurrent_streams_is_enforced() {
     let slow = SlowUpstream::start(Duration::from_millis(300)).await;
-    let text = format!(
-        "{}\n[upstreams.slow]\ntargets = [\"{}\"]\n\n[[routes]]\nname = \"slow\"\npath = \"/v1/slow\"\nupstream = \"slow\"\nauth = \"none\"\n",
-        gateway_toml(None, "http2_max_concurrent_streams = 1"),
-        slow.url()
-    );
+    let text = slow_config("http2_max_concurrent_streams = 1", "", &slow);
     let gw = start_gateway(&text).await;
     let c = TestClient::h2(None);
     assert_eq!(
@@ -1191,11 +1196,7 @@ async fn a_pooled_connection_idle_past_pool_idle_timeout_is_not_reused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_more_than_pool_max_idle_upstream_connections_are_kept() {
     let slow = SlowUpstream::start(Duration::from_millis(200)).await;
-    let text = format!(
-        "{}\n[upstreams.slow]\ntargets = [\"{}\"]\npool_max_idle = 2\n[[routes]]\nname = \"slow\"\npath = \"/v1/slow\"\nupstream = \"slow\"\nauth = \"none\"\n",
-        gateway_toml(None, "workers = 1"),
-        slow.url()
-    );
+    let text = slow_config("workers = 1", "pool_max_idle = 2", &slow);
     let gw = start_gateway(&text).await;
     let c = TestClient::h1(None);
     let url = gw.url("/v1/slow");
@@ -2010,10 +2011,10 @@ async fn x_forwarded_for_is_appended_only_behind_a_trusted_proxy() {
 // ───────────────────────────────── shutdown ────────────────────────────────
 
 fn slow_process_config(slow: &SlowUpstream, grace: &str) -> String {
-    format!(
-        "{}\n[upstreams.slow]\ntargets = [\"{}\"]\nrequest_timeout = \"60s\"\n[[routes]]\nname = \"slow\"\npath = \"/v1/slow\"\nupstream = \"slow\"\nauth = \"none\"\n",
-        gateway_toml(None, &format!("shutdown_grace = \"{grace}\"")),
-        slow.url()
+    slow_config(
+        &format!("shutdown_grace = \"{grace}\""),
+        "request_timeout = \"60s\"",
+        slow,
     )
 }
 
