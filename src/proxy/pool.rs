@@ -146,16 +146,47 @@ impl TargetPool {
         })
         .await
         .map_err(|_| SendError::Connect("timed out".into()))?
-        .map_err(|e| SendError::Connect(e.to_string()))?;
+        .map_err(|e| SendError::Connect(with_causes(&*e)))?;
         let (tx, conn) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|e| SendError::Connect(e.to_string()))?;
+            .map_err(|e| SendError::Connect(with_causes(&e)))?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
         Ok(tx)
+    }
+}
+
+/// An error and its causes, `a: b: c`: the connector's own message ("tcp
+/// connect error") says nothing an operator can act on without the OS error.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_connect_error_names_its_os_cause() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("tcp connect error")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(
+            super::with_causes(&e),
+            format!(
+                "tcp connect error: {}",
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused)
+            )
+        );
     }
 }

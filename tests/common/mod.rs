@@ -528,9 +528,13 @@ where
 }
 
 async fn bind_loopback() -> (TcpListener, SocketAddr) {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
+    // A backlog of 1024, as the gateway's own listener has: tokio's `bind`
+    // gives 128, and a burst of a few hundred upstream connects then loses
+    // SYNs (retried after 1 s, past the default connect timeout).
+    let sock = tokio::net::TcpSocket::new_v4().expect("an upstream socket");
+    sock.bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .expect("bind an upstream");
+    let l = sock.listen(1024).expect("listen on an upstream");
     let a = l.local_addr().expect("upstream addr");
     (l, a)
 }
