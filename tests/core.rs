@@ -1556,6 +1556,73 @@ async fn websocket_echo_passes_through_a_websocket_route() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_right_behind_the_tls_handshake_is_answered() {
+    // The client's Finished and its request leave in one write, so the
+    // gateway's last handshake read brings the request too, decrypted
+    // inside rustls while the socket has nothing left to read. A listener
+    // that waited for the socket would answer nothing until its header
+    // timeout closed the connection.
+    let certs = TestCerts::generate();
+    let echo = EchoUpstream::start().await;
+    let gw = start_gateway(&echo_config(
+        Some(&certs),
+        "header_read_timeout = \"2s\"",
+        &echo,
+    ))
+    .await;
+    let cfg = std::sync::Arc::new(certs.client_config(&[&rustls::version::TLS13], &[b"http/1.1"]));
+    let addr = gw.addr;
+    let head = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = rustls::ClientConnection::new(cfg, name).unwrap();
+        while tls.is_handshaking() {
+            while tls.wants_write() {
+                tls.write_tls(&mut tcp).unwrap();
+            }
+            if tls.read_tls(&mut tcp).unwrap() == 0 {
+                panic!("the gateway closed during the handshake");
+            }
+            tls.process_new_packets().unwrap();
+        }
+        // Finished is queued, not sent: the request joins it.
+        tls.writer()
+            .write_all(b"GET /v1/echo/behind HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap();
+        while tls.wants_write() {
+            tls.write_tls(&mut tcp).unwrap();
+        }
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tls.reader().read(&mut buf) {
+                Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if tls.read_tls(&mut tcp).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    tls.process_new_packets().unwrap();
+                }
+                Err(_) => break,
+            }
+        }
+        head
+    })
+    .await
+    .unwrap();
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    assert_eq!(echo.count(), 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_passes_through_over_tls() {
     let certs = TestCerts::generate();
     let ws = WsEchoUpstream::start().await;

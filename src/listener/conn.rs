@@ -90,7 +90,9 @@ pub async fn serve<I: Socket>(
 
     // The first request head must start within both timeouts.
     let first = Instant::now() + limits.header_read.min(limits.keepalive);
-    if !wait_readable(io.get_ref(), first, &mut stop, &app).await {
+    // TLS: the request may already sit decrypted in rustls (see
+    // `Socket::buffered`), and then the socket shows nothing to read.
+    if !io.get_mut().buffered() && !wait_readable(io.get_ref(), first, &mut stop, &app).await {
         return;
     }
     let h2 = match h2_alpn {
@@ -127,7 +129,12 @@ pub async fn serve<I: Socket>(
         let now = Instant::now();
         let deadline = if partial.is_empty() {
             head_since = None;
-            now + limits.keepalive
+            if shared.requests() == 0 {
+                // Still no first request: its own bound holds.
+                first
+            } else {
+                now + limits.keepalive
+            }
         } else {
             // Part of a request head was read (hyper parses whole ones
             // before it waits): replay it to the next session once the rest
@@ -135,7 +142,8 @@ pub async fn serve<I: Socket>(
             io.set_replay(partial);
             *head_since.get_or_insert(now) + limits.header_read
         };
-        if !wait_readable(io.get_ref(), deadline, &mut stop, &app).await {
+        if !io.get_mut().buffered() && !wait_readable(io.get_ref(), deadline, &mut stop, &app).await
+        {
             return;
         }
     }

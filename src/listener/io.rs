@@ -80,6 +80,11 @@ impl Drop for InFlight {
 pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The TCP socket carrying the stream.
     fn tcp(&self) -> &TcpStream;
+    /// Whether bytes are already waiting above the socket, so that its
+    /// readiness says nothing.
+    fn buffered(&mut self) -> bool {
+        false
+    }
 }
 
 impl Socket for TcpStream {
@@ -91,6 +96,15 @@ impl Socket for TcpStream {
 impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
     fn tcp(&self) -> &TcpStream {
         self.get_ref().0
+    }
+    /// The handshake's last read often brings the first request with it:
+    /// rustls holds it decrypted while the socket has nothing left to read.
+    fn buffered(&mut self) -> bool {
+        match self.get_mut().1.process_new_packets() {
+            Ok(state) => state.plaintext_bytes_to_read() > 0,
+            // Let the session read and report the TLS error.
+            Err(_) => true,
+        }
     }
 }
 
@@ -117,6 +131,11 @@ impl<T: Socket> ConnIo<T> {
     /// The wrapped stream.
     pub fn get_ref(&self) -> &T {
         &self.inner
+    }
+
+    /// The wrapped stream, mutably.
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
     }
 
     /// Bytes to hand out before reading the stream again.
