@@ -90,9 +90,7 @@ pub async fn serve<I: Socket>(
 
     // The first request head must start within both timeouts.
     let first = Instant::now() + limits.header_read.min(limits.keepalive);
-    // TLS: the request may already sit decrypted in rustls (see
-    // `Socket::buffered`), and then the socket shows nothing to read.
-    if !io.get_mut().buffered() && !wait_readable(io.get_ref(), first, &mut stop, &app).await {
+    if !wait_readable(io.get_mut(), first, &mut stop, &app).await {
         return;
     }
     let h2 = match h2_alpn {
@@ -142,8 +140,7 @@ pub async fn serve<I: Socket>(
             io.set_replay(partial);
             *head_since.get_or_insert(now) + limits.header_read
         };
-        if !io.get_mut().buffered() && !wait_readable(io.get_ref(), deadline, &mut stop, &app).await
-        {
+        if !wait_readable(io.get_mut(), deadline, &mut stop, &app).await {
             return;
         }
     }
@@ -293,10 +290,10 @@ async fn serve_h2<I, S>(
     }
 }
 
-/// Waits, holding no buffer, until the socket has bytes (or hung up); false
+/// Waits, holding no buffer, until the stream has bytes (or hung up); false
 /// at `deadline` or on shutdown.
 async fn wait_readable<I: Socket>(
-    io: &I,
+    io: &mut I,
     deadline: Instant,
     stop: &mut watch::Receiver<bool>,
     app: &App,
@@ -304,6 +301,12 @@ async fn wait_readable<I: Socket>(
     if *stop.borrow() {
         return false;
     }
+    // TLS: the request may already sit decrypted in rustls (see
+    // `Socket::buffered`), and then the socket shows nothing to read.
+    if io.buffered() {
+        return true;
+    }
+    let io = &*io;
     let gauge = &app.metrics.parked_connections;
     gauge.inc();
     let _parked = Defer(|| {

@@ -129,11 +129,6 @@ impl<T: Socket> ConnIo<T> {
     }
 
     /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
-    /// The wrapped stream, mutably.
     pub fn get_mut(&mut self) -> &mut T {
         &mut self.inner
     }
