@@ -3,8 +3,10 @@
 installs the tools, builds the release binary and raises the fd limit.
 
 Throughput: wrk -t1 -c32 against an nginx front (proxy_pass, upstream keepalive
-64) and portcullis (plain route, keyed route, invalid keys), all in front of
-the same nginx upstream that answers 200 "ok". Rounds alternate between the
+64, one worker) and portcullis (plain route, keyed route, invalid keys; with
+its default of one worker per CPU, and again with one worker, like for like
+with the nginx front), all in front of the same nginx upstream that answers
+200 "ok". Rounds alternate between the
 targets; the table shows medians. CPU µs per request comes from utime+stime in
 /proc/PID/stat of the nginx front's worker and of the portcullis process, so
 the upstream's and wrk's CPU are not counted for either.
@@ -119,12 +121,13 @@ def gateway(binary, cfg, port, logfile):
     return p
 
 
-def gateway_config(tmp, name, gw_port, admin_port, up_port, store, mode):
+def gateway_config(tmp, name, gw_port, admin_port, up_port, store, mode, workers=None):
     cfg = os.path.join(tmp, f"{name}.toml")
+    workers_line = f"workers = {workers}\n" if workers else ""
     with open(cfg, "w") as f:
         f.write(f"""[server]
 listen = "127.0.0.1:{gw_port}"
-max_connections = 30000
+{workers_line}max_connections = 30000
 max_in_flight = 30000
 [admin]
 listen = "127.0.0.1:{admin_port}"
@@ -453,13 +456,23 @@ def run(args, tmp, conns):
             die(f"{what}: GET {path} answered {st} (want {want}): {body[:200]!r}")
     log("sanity: plain 200, keyed 200, forged key 401, mistyped key 401")
 
+    # Like for like: the nginx front has one worker, so a second gateway runs
+    # one worker too. The first runs the default, one worker per CPU.
+    g1_port = free_port()
+    cfg1 = gateway_config(tmp, "one-worker", g1_port, free_port(), up_port,
+                          f"sqlite://{tmp}/bench.db", "local", workers=1)
+    g1 = gateway(args.bin, cfg1, g1_port, os.path.join(tmp, "one-worker.log"))
+
     nginx_url, gw = f"http://127.0.0.1:{nx_port}/", f"http://127.0.0.1:{gw_port}"
+    gw1 = f"http://127.0.0.1:{g1_port}"
     targets = [
         ("nginx proxy_pass", nginx_url, nx_worker, []),
         ("portcullis plain", f"{gw}/plain", g.pid, []),
         ("portcullis keyed", f"{gw}/keyed", g.pid, [f"Authorization: Bearer {key}"]),
         ("portcullis forged key 401", f"{gw}/keyed", g.pid, [f"Authorization: Bearer {forged}"]),
         ("portcullis mistyped key 401", f"{gw}/keyed", g.pid, [f"Authorization: Bearer {typo}"]),
+        ("1 worker: plain", f"{gw1}/plain", g1.pid, []),
+        ("1 worker: keyed", f"{gw1}/keyed", g1.pid, [f"Authorization: Bearer {key}"]),
     ]
     log("warm-up…")
     for _, url, _, hdrs in targets:
@@ -484,7 +497,14 @@ def run(args, tmp, conns):
     log(f"  req/s        keyed / nginx          {ratio(k['rps'], n['rps']):6.2f}x   (acceptance: >= 0.80)")
     log(f"  req/s        forged-key 401 / keyed {ratio(f['rps'], k['rps']):6.2f}x   (unknown digest: negative cache)")
     log(f"  req/s        mistyped 401 / keyed   {ratio(t['rps'], k['rps']):6.2f}x   (bad checksum: no store lookup)")
-    bad = n["non2xx"] + p["non2xx"] + k["non2xx"]
+    p1, k1 = rows["1 worker: plain"], rows["1 worker: keyed"]
+    log(f"  like for like, one worker each (portcullis [server] workers = 1, nginx worker_processes 1):")
+    log(f"  CPU/request  plain / nginx          {ratio(p1['cpu'], n['cpu']):6.2f}x")
+    log(f"  CPU/request  keyed / nginx          {ratio(k1['cpu'], n['cpu']):6.2f}x")
+    log(f"  req/s        keyed / nginx          {ratio(k1['rps'], n['rps']):6.2f}x")
+    g1.terminate()
+    g1.wait(15)
+    bad = n["non2xx"] + p["non2xx"] + k["non2xx"] + p1["non2xx"] + k1["non2xx"]
     if bad:
         log(f"  WARNING: {bad} non-2xx answers on the nginx/plain/keyed runs")
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # portcullis benchmark, run by hand (not in CI). Compares portcullis with nginx
 # proxy_pass on the same nginx upstream, all on loopback:
-#   - requests/s, latency and CPU µs per request (wrk -t1 -c32): nginx,
-#     portcullis plain route (auth = "none"), keyed route (valid key), invalid
-#     keys (forged with a valid checksum, and mistyped);
+#   - requests/s, latency and CPU µs per request (wrk -t1 -c32): nginx (one
+#     worker), portcullis plain route (auth = "none"), keyed route (valid key),
+#     invalid keys (forged with a valid checksum, and mistyped); plain and keyed
+#     again on a portcullis with `workers = 1`, like for like with the nginx;
 #   - RSS per idle keep-alive connection (10,000 connections), portcullis and nginx;
 #   - RSS per connection after a burst of 4,000 (every request sent before any
 #     answer is read, as ../shared/acceptance/perf does), on a fresh gateway.

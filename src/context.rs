@@ -3,6 +3,7 @@
 //! metrics only read.
 
 use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use std::net::SocketAddr;
@@ -30,6 +31,55 @@ pub struct ConnInfo {
     pub framing_conflict: bool,
 }
 
+/// A request id: the client's well-formed `X-Request-Id`, or one the gateway
+/// made. Held as a header value because it goes upstream and back on every
+/// request: a clone shares its bytes instead of copying and re-checking them.
+#[derive(Clone, Debug)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// Longest client-sent id kept.
+    const MAX_LEN: usize = 128;
+
+    /// The client's `X-Request-Id` when well-formed (1–128 of `[A-Za-z0-9._-]`).
+    pub fn from_client(h: &HeaderMap) -> Option<Self> {
+        let v = h.get(names::X_REQUEST_ID)?.as_bytes();
+        Self::from_bytes(v)
+    }
+
+    /// An id from bytes, when well-formed (1–128 of `[A-Za-z0-9._-]`).
+    pub fn from_bytes(v: &[u8]) -> Option<Self> {
+        let ok = !v.is_empty()
+            && v.len() <= Self::MAX_LEN
+            && v.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+        // Copied, not sliced: a slice would pin the connection's read buffer.
+        ok.then(|| HeaderValue::from_bytes(v).ok().map(RequestId))
+            .flatten()
+    }
+
+    /// The id used if one could not be made (not reached: ids are ASCII).
+    pub fn unknown() -> Self {
+        RequestId(HeaderValue::from_static("unknown"))
+    }
+
+    /// The id as text (always ASCII: only well-formed ids are built).
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or("")
+    }
+
+    /// The id as a header value, sharing its bytes.
+    pub fn header(&self) -> HeaderValue {
+        self.0.clone()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The identity a request was authenticated as (filled by `auth`).
 #[derive(Clone, Debug)]
 pub struct Identity {
@@ -55,7 +105,7 @@ pub struct RequestCtx {
     /// When the request arrived.
     pub start: Instant,
     /// The request id (client's well-formed one, or generated).
-    pub request_id: String,
+    pub request_id: RequestId,
     /// Method, kept for the access log.
     pub method: http::Method,
     /// Canonical path without the query (never logged with the query).
@@ -78,7 +128,7 @@ pub struct RequestCtx {
 
 impl RequestCtx {
     /// A fresh context for a request that just arrived.
-    pub fn new(conn: ConnInfo, method: http::Method, request_id: String) -> Self {
+    pub fn new(conn: ConnInfo, method: http::Method, request_id: RequestId) -> Self {
         RequestCtx {
             start: Instant::now(),
             request_id,

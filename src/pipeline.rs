@@ -6,7 +6,9 @@
 
 use crate::auth::{self, AuthInput};
 use crate::config::{AuthMode, Config, Limit, Route};
-use crate::context::{ConnInfo, RateVerdict, RequestCtx, ResponseBody, full_body, names};
+use crate::context::{
+    ConnInfo, RateVerdict, RequestCtx, RequestId, ResponseBody, full_body, names,
+};
 use crate::error::{ErrorSource, GatewayError};
 use crate::ratelimit::{Decision, LimitRequest};
 use crate::server::{App, Snapshot};
@@ -20,7 +22,7 @@ use std::sync::atomic::Ordering;
 /// answers of DESIGN.md.
 pub async fn handle(req: Request<Incoming>, conn: ConnInfo, app: &App) -> Response<ResponseBody> {
     let snap = app.current.load_full();
-    let request_id = request_id(req.headers()).unwrap_or_else(|| app.ids.next());
+    let request_id = RequestId::from_client(req.headers()).unwrap_or_else(|| app.ids.next());
     let mut ctx = RequestCtx::new(conn, req.method().clone(), request_id);
     let h2 = req.version() == http::Version::HTTP_2;
 
@@ -28,8 +30,8 @@ pub async fn handle(req: Request<Incoming>, conn: ConnInfo, app: &App) -> Respon
     let result = if app.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
         Err(GatewayError::Overloaded)
     } else {
-        // Not boxed: hyper keeps room for one request future per HTTP/1.1
-        // session, and the listener drops sessions of idle connections.
+        // Not boxed on its own: the listener boxes the whole request future
+        // once (hyper moves it around), and one allocation is enough.
         inner(req, &mut ctx, &snap, app).await
     };
     app.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -38,7 +40,7 @@ pub async fn handle(req: Request<Incoming>, conn: ConnInfo, app: &App) -> Respon
         Ok(r) => r,
         Err(e) => {
             record_error(&e, &ctx, app);
-            e.to_response(&ctx.request_id)
+            e.to_response(ctx.request_id.as_str())
         }
     };
     finish(&mut resp, &ctx);
@@ -219,9 +221,7 @@ fn preflight(req: &Request<Incoming>, path: &str, cfg: &Config) -> Option<Respon
 /// keyed route, and the CORS echo for an allowed browser origin.
 fn finish(resp: &mut Response<ResponseBody>, ctx: &RequestCtx) {
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-        h.insert(names::X_REQUEST_ID, v);
-    }
+    h.insert(names::X_REQUEST_ID, ctx.request_id.header());
     if let Some(RateVerdict {
         limit,
         remaining,
@@ -251,9 +251,7 @@ fn record_error(e: &GatewayError, ctx: &RequestCtx, app: &App) {
     let m = &app.metrics;
     match e.status().as_u16() {
         401 | 403 => {
-            m.auth_refusals
-                .get_or_create(&crate::metrics::CodeLabel { code: e.code() })
-                .inc();
+            m.count_refusal(e.code());
         }
         502 | 504 => {
             if let Some(u) = &ctx.upstream {
@@ -291,12 +289,7 @@ fn log_and_count(resp: &Response<ResponseBody>, ctx: &RequestCtx, app: &App) {
     app.metrics
         .observe_request(route, &ctx.method, status, elapsed.as_secs_f64());
     if let (Some(u), Some(t)) = (&ctx.upstream, ctx.upstream_latency) {
-        app.metrics
-            .upstream_latency
-            .get_or_create(&crate::metrics::UpstreamLabel {
-                upstream: u.clone(),
-            })
-            .observe(t.as_secs_f64());
+        app.metrics.observe_upstream(u, t.as_secs_f64());
     }
     let key = ctx.identity.as_ref().map(|i| &*i.key);
     // The path is the canonical path without the query: a query-string
@@ -319,16 +312,6 @@ fn log_and_count(resp: &Response<ResponseBody>, ctx: &RequestCtx, app: &App) {
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-/// A client-sent `X-Request-Id` when well-formed (1–128 of `[A-Za-z0-9._-]`).
-fn request_id(h: &HeaderMap) -> Option<String> {
-    let v = h.get(names::X_REQUEST_ID)?.as_bytes();
-    let ok = !v.is_empty()
-        && v.len() <= 128
-        && v.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
-    ok.then(|| String::from_utf8_lossy(v).into_owned())
 }
 
 fn trusted(ip: IpAddr, cfg: &Config) -> bool {
@@ -374,5 +357,53 @@ fn forwarded_for(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> HeaderValue {
             return v;
         }
     }
-    HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+    ip_header(peer)
+}
+
+/// An address as a header value. IPv4 is written by hand: `Display` for
+/// `Ipv4Addr` goes through the formatter, which showed in the profile.
+fn ip_header(ip: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
+    };
+    let mut buf = [0u8; 15];
+    let mut n = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            buf[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            buf[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    HeaderValue::from_bytes(&buf[..n]).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ip_header;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.255.9",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let parsed: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_header(parsed), ip);
+        }
+    }
 }

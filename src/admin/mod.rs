@@ -132,13 +132,12 @@ pub async fn handle(req: Request<Incoming>, app: &App, peer: SocketAddr) -> Resp
     let request_id = app.ids.next();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let mut resp = match Box::pin(route(req, app, &request_id, peer)).await {
+    let mut resp = match Box::pin(route(req, app, request_id.as_str(), peer)).await {
         Ok(r) => r,
-        Err(e) => e.to_response(&request_id),
+        Err(e) => e.to_response(request_id.as_str()),
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert("x-request-id", v);
-    }
+    resp.headers_mut()
+        .insert(crate::context::names::X_REQUEST_ID, request_id.header());
     tracing::debug!(
         target: "portcullis::admin",
         request_id = %request_id,

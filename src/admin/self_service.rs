@@ -121,7 +121,7 @@ pub async fn handle(
     let actor = Actor {
         kind: "key",
         key_id: Some(&caller.id),
-        request_id: &ctx.request_id,
+        request_id: ctx.request_id.as_str(),
         peer: client_ip,
     };
     let result = match ep {
@@ -137,7 +137,7 @@ pub async fn handle(
     };
     Ok(match result {
         Ok(reply) => reply.to_response(),
-        Err(e) => e.to_response(&ctx.request_id),
+        Err(e) => e.to_response(ctx.request_id.as_str()),
     })
 }
 

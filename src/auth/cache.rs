@@ -55,7 +55,7 @@ pub struct KeyCache {
     /// Bumped by every invalidation, so a lookup that started before an
     /// invalidation cannot put a stale record back.
     generation: AtomicU64,
-    used: DashMap<String, i64>,
+    used: DashMap<String, i64, RandomState>,
     /// Hit/miss/stale counters.
     pub stats: CacheStats,
 }
@@ -68,7 +68,7 @@ impl KeyCache {
             entries: DashMap::default(),
             inflight: DashMap::default(),
             generation: AtomicU64::new(0),
-            used: DashMap::new(),
+            used: DashMap::default(),
             stats: CacheStats::default(),
         }
     }

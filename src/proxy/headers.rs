@@ -3,28 +3,32 @@
 
 use http::{HeaderMap, HeaderName, header};
 
-/// Hop-by-hop headers that never cross the gateway (RFC 9110 §7.6.1, plus
-/// the proxy credentials meant for us). `Trailer` is end-to-end: hyper only
-/// sends the trailers it names, so it must pass.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-];
+/// Whether a header is hop-by-hop and never crosses the gateway (RFC 9110
+/// §7.6.1, plus the proxy credentials meant for us); `Upgrade` only when
+/// `with_upgrade`. `Trailer` is end-to-end: hyper only sends the trailers
+/// it names, so it must pass. By name length first: this runs for every
+/// header of every request and response.
+fn is_hop_by_hop(n: &HeaderName, with_upgrade: bool) -> bool {
+    let s = n.as_str();
+    match s.len() {
+        2 => s == "te",
+        7 => with_upgrade && s == "upgrade",
+        10 => s == "connection" || s == "keep-alive",
+        16 => s == "proxy-connection",
+        17 => s == "transfer-encoding",
+        18 => s == "proxy-authenticate",
+        19 => s == "proxy-authorization",
+        _ => false,
+    }
+}
 
 /// Removes hop-by-hop headers, and every header named in `Connection`.
 /// `Upgrade` is removed too unless `keep_upgrade` (a WebSocket route).
 /// Returns whether the client asked for trailers (`TE: trailers`).
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
-    let is_hop = |n: &HeaderName| HOP_BY_HOP.contains(n) || (!keep_upgrade && n == header::UPGRADE);
     // One pass over the names present (a handful) instead of a hash lookup
-    // per hop-by-hop name: most requests carry none.
-    let present: Vec<HeaderName> = h.keys().filter(|n| is_hop(n)).cloned().collect();
-    if present.is_empty() {
+    // per hop-by-hop name; most requests carry none.
+    if !h.keys().any(|n| is_hop_by_hop(n, !keep_upgrade)) {
         return false;
     }
     let wants_trailers = h.get_all(header::TE).iter().any(|v| {
@@ -34,12 +38,16 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
         })
     });
     if h.contains_key(header::CONNECTION) {
+        // `keep-alive` and `close` (nearly every upstream answer says one)
+        // name nothing beyond the hop-by-hop headers removed below.
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for n in named {
             if keep_upgrade && n == header::UPGRADE {
@@ -48,8 +56,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
             h.remove(&n);
         }
     }
-    for n in &present {
-        h.remove(n);
+    // Found one at a time rather than collected: there are one or two.
+    while let Some(n) = h.keys().find(|n| is_hop_by_hop(n, !keep_upgrade)).cloned() {
+        h.remove(&n);
     }
     wants_trailers
 }

@@ -129,8 +129,8 @@ pub async fn forward(
         pq.push('?');
         pq.push_str(q);
     }
-    let uri: Uri = pq
-        .parse()
+    // From `Bytes`: `str::parse` would copy the string once more.
+    let uri = Uri::from_maybe_shared(bytes::Bytes::from(pq))
         .map_err(|_| GatewayError::BadRequest("malformed request target"))?;
 
     let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
@@ -163,9 +163,7 @@ pub async fn forward(
         Some(v) => h.insert(names::X_FORWARDED_HOST, v),
         None => h.remove(names::X_FORWARDED_HOST),
     };
-    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-        h.insert(names::X_REQUEST_ID, v);
-    }
+    h.insert(names::X_REQUEST_ID, ctx.request_id.header());
     // Identity headers: always ours, never the client's.
     h.remove(names::X_KEY_ID);
     h.remove(names::X_WORKSPACE_ID);
