@@ -148,6 +148,8 @@ impl TargetPool {
         .map_err(|_| SendError::Connect("timed out".into()))?
         .map_err(|e| SendError::Connect(with_causes(&*e)))?;
         let (tx, conn) = http1::Builder::new()
+            // As the listener: one contiguous write per request.
+            .writev(false)
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(with_causes(&e)))?;
