@@ -384,6 +384,40 @@ def bench_redis(args, tmp, up_port):
 
 # --- main ----------------------------------------------------------------------------
 
+def instructions(args, tmp, up_port, cfg_store, targets):
+    """Instructions per request under callgrind: the gateway's user-space cost,
+    the same from run to run whatever else the machine does (CPU µs are not).
+    One worker; wrk -c8 for 5 s per target after a 2 s warm-up. The kernel's
+    share is not counted. valgrind does not emulate the SHA extensions, so a
+    SHA-256 (two per valid key, one per mistyped key) costs ~3.3k instructions
+    here and far less on the CPU."""
+    port = free_port()
+    cfg = gateway_config(tmp, "callgrind", port, free_port(), up_port, cfg_store, "local", workers=1)
+    out = os.path.join(tmp, "callgrind.out")
+    log_path = os.path.join(tmp, "callgrind.log")
+    p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                          args.bin, "serve", "--config", cfg],
+                         stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                         env=dict(os.environ, RUST_LOG="warn"))
+    procs.append(p)
+    if not wait_port(port, p, timeout=120):
+        die(f"portcullis under valgrind did not start; see {log_path} (run with --keep)")
+    log("\nInstructions per request (callgrind, 1 worker, user space only; see bench.py)")
+    for i, (name, path, hdrs) in enumerate(targets, start=1):
+        url = f"http://127.0.0.1:{port}{path}"
+        wrk_args = ["wrk", "-t1", "-c8"] + [a for h in hdrs for a in ("-H", h)]
+        subprocess.run(wrk_args + ["-d2s", url], capture_output=True)
+        subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True)
+        r = subprocess.run(wrk_args + ["-d5s", url], capture_output=True, text=True).stdout
+        n = int(next(l.split()[0] for l in r.splitlines() if "requests in" in l))
+        subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True)
+        with open(f"{out}.{i}") as f:
+            total = next(int(l.split()[1]) for l in f if l.startswith("totals:"))
+        log(f"  {name:<28} {total / max(n, 1):>9.0f} instructions/request   ({n} requests)")
+    p.terminate()
+    p.wait(30)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bin", required=True, help="portcullis binary")
@@ -392,8 +426,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="rounds per target (default 3)")
     ap.add_argument("--conns", type=int, default=10000, help="idle keep-alive connections (default 10000)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count instructions per request under callgrind (deterministic; +1 minute)")
     args = ap.parse_args()
-    for tool in ("wrk",) + (("redis-server", "redis-cli") if args.redis else ()):
+    for tool in (("wrk",) + (("redis-server", "redis-cli") if args.redis else ())
+                 + (("valgrind", "callgrind_control") if args.instructions else ())):
         if not shutil.which(tool):
             die(f"{tool} is not installed (bench/run.sh installs it)")
 
@@ -525,6 +562,14 @@ def run(args, tmp, conns):
     log(f"  portcullis  {per_b:6.2f} KiB/conn   RSS {b} -> {a} KiB over {held} connections   (peak of the burst; see README)")
     g2.terminate()
     g2.wait(15)
+
+    if args.instructions:
+        instructions(args, tmp, up_port, f"sqlite://{tmp}/bench.db", [
+            ("plain", "/plain", []),
+            ("keyed", "/keyed", [f"Authorization: Bearer {key}"]),
+            ("forged key 401", "/keyed", [f"Authorization: Bearer {forged}"]),
+            ("mistyped key 401", "/keyed", [f"Authorization: Bearer {typo}"]),
+        ])
 
     if args.redis:
         g.terminate()

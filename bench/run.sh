@@ -9,9 +9,12 @@
 #   - RSS per connection after a burst of 4,000 (every request sent before any
 #     answer is read, as ../shared/acceptance/perf does), on a fresh gateway.
 # With --redis it also measures the keyed path in rate_limit.mode = "hybrid" and
-# "redis" on a local redis-server, with Redis commands per request.
+# "redis" on a local redis-server, with Redis commands per request. With
+# --instructions it counts instructions per request under callgrind: user
+# space only, but the same from run to run, so a small change shows through
+# the machine's noise.
 #
-#   bench/run.sh [--redis] [--duration SECS] [--rounds N] [--conns N] [--keep]
+#   bench/run.sh [--redis] [--instructions] [--duration SECS] [--rounds N] [--conns N] [--keep]
 #
 # Installs nginx and wrk (and redis-server/redis-tools for --redis) with apt-get
 # when they are missing, builds `cargo build --release`, needs python3.
@@ -22,9 +25,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_redis=0
+want_valgrind=0
 for a in "$@"; do
   case "$a" in
     --redis) want_redis=1 ;;
+    --instructions) want_valgrind=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   esac
 done
@@ -32,6 +37,9 @@ done
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+if [ $want_valgrind = 1 ]; then
+  command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
+fi
 if [ $want_redis = 1 ]; then
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
   command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
