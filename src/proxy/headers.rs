@@ -27,17 +27,30 @@ fn is_hop_by_hop(n: &HeaderName, with_upgrade: bool) -> bool {
 /// Returns whether the client asked for trailers (`TE: trailers`).
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
     // One pass over the names present (a handful) instead of a hash lookup
-    // per hop-by-hop name; most requests carry none.
-    if !h.keys().any(|n| is_hop_by_hop(n, !keep_upgrade)) {
+    // per hop-by-hop name; most requests carry none, most answers one. At
+    // most eight distinct names match, so they fit on the stack.
+    let mut found: [Option<HeaderName>; 8] = Default::default();
+    let mut count = 0;
+    for (slot, name) in found
+        .iter_mut()
+        .zip(h.keys().filter(|n| is_hop_by_hop(n, !keep_upgrade)))
+    {
+        *slot = Some(name.clone());
+        count += 1;
+    }
+    if count == 0 {
         return false;
     }
-    let wants_trailers = h.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    if h.contains_key(header::CONNECTION) {
+    let found = &found[..count];
+    let present = |name: &HeaderName| found.iter().flatten().any(|n| n == name);
+    let wants_trailers = present(&header::TE)
+        && h.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+    if present(&header::CONNECTION) {
         // `keep-alive` and `close` (nearly every upstream answer says one)
         // name nothing beyond the hop-by-hop headers removed below.
         let named: Vec<HeaderName> = h
@@ -56,9 +69,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
             h.remove(&n);
         }
     }
-    // Found one at a time rather than collected: there are one or two.
-    while let Some(n) = h.keys().find(|n| is_hop_by_hop(n, !keep_upgrade)).cloned() {
-        h.remove(&n);
+    for n in found.iter().flatten() {
+        h.remove(n);
     }
     wants_trailers
 }
@@ -98,5 +110,28 @@ mod tests {
         assert_eq!(h[header::UPGRADE], "websocket");
         assert!(!h.contains_key(header::CONNECTION));
         assert!(!strip_hop_by_hop(&mut h, false) && !h.contains_key(header::UPGRADE));
+    }
+
+    #[test]
+    fn every_hop_by_hop_name_at_once_is_removed() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "te",
+            "upgrade",
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "proxy-authenticate",
+            "proxy-authorization",
+        ] {
+            h.append(n, "trailers".parse().unwrap());
+        }
+        h.insert("x-end-to-end", "kept".parse().unwrap());
+        assert!(
+            strip_hop_by_hop(&mut h, false),
+            "TE: trailers was asked for"
+        );
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 }

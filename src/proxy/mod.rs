@@ -164,21 +164,25 @@ pub async fn forward(
         None => h.remove(names::X_FORWARDED_HOST),
     };
     h.insert(names::X_REQUEST_ID, ctx.request_id.header());
-    // Identity headers: always ours, never the client's.
-    h.remove(names::X_KEY_ID);
-    h.remove(names::X_WORKSPACE_ID);
-    h.remove(names::X_KEY_ENVIRONMENT);
-    if let Some(id) = &ctx.identity {
-        if let Ok(v) = HeaderValue::from_str(&id.key.id) {
-            h.insert(names::X_KEY_ID, v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&id.key.workspace) {
-            h.insert(names::X_WORKSPACE_ID, v);
-        }
-        h.insert(
-            names::X_KEY_ENVIRONMENT,
-            HeaderValue::from_static(id.key.environment.as_str()),
-        );
+    // Identity headers: always ours, never the client's (an insert replaces
+    // every value the client sent under the name).
+    let identity = ctx.identity.as_ref().map(|id| {
+        (
+            HeaderValue::from_str(&id.key.id).ok(),
+            HeaderValue::from_str(&id.key.workspace).ok(),
+            Some(HeaderValue::from_static(id.key.environment.as_str())),
+        )
+    });
+    let (key_id, workspace, environment) = identity.unwrap_or_default();
+    for (name, value) in [
+        (names::X_KEY_ID, key_id),
+        (names::X_WORKSPACE_ID, workspace),
+        (names::X_KEY_ENVIRONMENT, environment),
+    ] {
+        match value {
+            Some(v) => h.insert(name, v),
+            None => h.remove(name),
+        };
     }
 
     let (mut head, body) = req.into_parts();
