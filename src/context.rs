@@ -53,9 +53,11 @@ impl RequestId {
             && v.len() <= Self::MAX_LEN
             && v.iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+        if !ok {
+            return None;
+        }
         // Copied, not sliced: a slice would pin the connection's read buffer.
-        ok.then(|| HeaderValue::from_bytes(v).ok().map(RequestId))
-            .flatten()
+        HeaderValue::from_bytes(v).ok().map(RequestId)
     }
 
     /// The id used if one could not be made (not reached: ids are ASCII).
