@@ -3,6 +3,7 @@
 //! its targets; bodies stream both ways, never buffered. Never retries a
 //! request that may have reached the upstream.
 
+pub mod deadline;
 pub mod headers;
 pub mod pool;
 
@@ -29,9 +30,11 @@ thread_local! {
 }
 
 /// Marks the current thread as worker `i`: its requests use its own pooled
-/// connections, whose tasks live on its own event loop (no cross-thread wake-ups).
+/// connections, whose tasks live on its own event loop (no cross-thread
+/// wake-ups), and its upstream deadlines its own coarse timer table.
 pub fn set_worker(i: usize) {
     WORKER.with(|w| w.set(i));
+    deadline::enable_on_this_thread();
 }
 
 /// Connection pools for one upstream: per worker, one per target.
@@ -195,8 +198,8 @@ pub async fn forward(
 
     ctx.upstream = Some(pool.config.name.clone());
     let sent = Instant::now();
-    let result = tokio::time::timeout(
-        pool.config.request_timeout,
+    let result = deadline::within(
+        deadline::after(sent, pool.config.request_timeout),
         pool.target_pool(target)
             .send(&pool.connector, pool.limits, out, sent),
     )

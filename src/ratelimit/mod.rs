@@ -742,7 +742,9 @@ impl Inner {
         if !self.may_call_redis(local_ms) {
             return self.on_store_error(req, local_ms);
         }
-        match self.exact(req, &[]).await {
+        // Boxed: the Redis call's future is large, and inline it would size
+        // the future of every request, in every mode.
+        match Box::pin(self.exact(req, &[])).await {
             Ok(x) => {
                 self.redis_ok();
                 self.finish_exact(req, x, false, self.clock.now_ms())
@@ -778,7 +780,8 @@ impl Inner {
                     self.settle(req, &deltas, &[]);
                     return self.on_store_error(req, local_ms);
                 }
-                match self.exact(req, &deltas).await {
+                // Boxed, as in `check_redis`: only a key near its limit comes here.
+                match Box::pin(self.exact(req, &deltas)).await {
                     Ok(x) => {
                         self.redis_ok();
                         // Learn the global counts (which include the deltas)
