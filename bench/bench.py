@@ -92,10 +92,10 @@ def children(pid):
 
 # --- processes -----------------------------------------------------------------
 
-def nginx(tmp, name, server_body, upstream_block=""):
+def nginx(tmp, name, server_body, upstream_block="", main="", wrap=()):
     d = os.path.join(tmp, name)
     os.makedirs(d, exist_ok=True)
-    conf = f"""worker_processes 1; daemon off; pid {d}/pid; error_log {d}/err warn;
+    conf = f"""worker_processes 1; daemon off; {main} pid {d}/pid; error_log {d}/err warn;
 events {{ worker_connections 30000; }}
 http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; {upstream_block}
@@ -103,7 +103,7 @@ http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
     with open(f"{d}/nginx.conf", "w") as f:
         f.write(conf)
     nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
-    p = subprocess.Popen([nginx_bin, "-c", f"{d}/nginx.conf", "-p", d, "-e", f"{d}/err"],
+    p = subprocess.Popen([*wrap, nginx_bin, "-c", f"{d}/nginx.conf", "-p", d, "-e", f"{d}/err"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs.append(p)
     return p
@@ -384,25 +384,13 @@ def bench_redis(args, tmp, up_port):
 
 # --- main ----------------------------------------------------------------------------
 
-def instructions(args, tmp, up_port, cfg_store, targets):
-    """Instructions per request under callgrind: the gateway's user-space cost,
-    the same from run to run whatever else the machine does (CPU µs are not).
-    One worker; wrk -c8 for 5 s per target after a 2 s warm-up. The kernel's
-    share is not counted. valgrind does not emulate the SHA extensions, so a
-    SHA-256 (two per valid key, one per mistyped key) costs ~3.3k instructions
-    here and far less on the CPU."""
-    port = free_port()
-    cfg = gateway_config(tmp, "callgrind", port, free_port(), up_port, cfg_store, "local", workers=1)
-    out = os.path.join(tmp, "callgrind.out")
-    log_path = os.path.join(tmp, "callgrind.log")
-    p = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                          args.bin, "serve", "--config", cfg],
-                         stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                         env=dict(os.environ, RUST_LOG="warn"))
-    procs.append(p)
+def callgrind(tmp, label, start, port, targets):
+    """Instructions per request of the process that `start(out_file)` runs
+    under callgrind (after a 2 s warm-up, wrk -c8 for 5 s per target)."""
+    out = os.path.join(tmp, f"callgrind-{label}.out")
+    p = start(out)
     if not wait_port(port, p, timeout=120):
-        die(f"portcullis under valgrind did not start; see {log_path} (run with --keep)")
-    log("\nInstructions per request (callgrind, 1 worker, user space only; see bench.py)")
+        die(f"{label} under valgrind did not start (run with --keep to see {tmp})")
     for i, (name, path, hdrs) in enumerate(targets, start=1):
         url = f"http://127.0.0.1:{port}{path}"
         wrk_args = ["wrk", "-t1", "-c8"] + [a for h in hdrs for a in ("-H", h)]
@@ -413,14 +401,58 @@ def instructions(args, tmp, up_port, cfg_store, targets):
         subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True)
         with open(f"{out}.{i}") as f:
             total = next(int(l.split()[1]) for l in f if l.startswith("totals:"))
-        log(f"  {name:<28} {total / max(n, 1):>9.0f} instructions/request   ({n} requests)")
+        log(f"  {name:<32} {total / max(n, 1):>9.0f} instructions/request   ({n} requests)")
     p.terminate()
     p.wait(30)
+
+
+def instructions(args, tmp, up_port, cfg_store, targets):
+    """Instructions per request under callgrind: user-space cost, the same
+    from run to run whatever else the machine does (CPU µs are not). One
+    worker each: the nginx front, the bare hyper proxy (`examples/
+    hyper_floor.rs`, when built) and portcullis. The kernel's share is not
+    counted. valgrind does not emulate the SHA extensions, so a SHA-256 (two
+    per valid key, one per mistyped key) costs ~3.3k instructions here and
+    far less on the CPU."""
+    log("\nInstructions per request (callgrind, 1 worker each, user space only; see bench.py)")
+    vg = ["valgrind", "--tool=callgrind"]
+    port = free_port()
+
+    def front(out):
+        return nginx(tmp, "front-callgrind",
+                     f"listen 127.0.0.1:{port}; location / {{ proxy_pass http://up; proxy_http_version 1.1; "
+                     f"proxy_set_header Connection \"\"; }}",
+                     f"upstream up {{ server 127.0.0.1:{up_port}; keepalive 64; }}",
+                     main="master_process off;", wrap=(*vg, f"--callgrind-out-file={out}"))
+    callgrind(tmp, "nginx", front, port, [("nginx proxy_pass", "/", [])])
+
+    if args.floor:
+        fport = free_port()
+
+        def floor(out):
+            p = subprocess.Popen([*vg, f"--callgrind-out-file={out}", args.floor,
+                                  f"127.0.0.1:{fport}", f"127.0.0.1:{up_port}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            procs.append(p)
+            return p
+        callgrind(tmp, "floor", floor, fport, [("hyper floor (bare proxy)", "/plain", [])])
+
+    gport = free_port()
+    cfg = gateway_config(tmp, "callgrind", gport, free_port(), up_port, cfg_store, "local", workers=1)
+
+    def gateway_vg(out):
+        p = subprocess.Popen([*vg, f"--callgrind-out-file={out}", args.bin, "serve", "--config", cfg],
+                             stdout=open(os.path.join(tmp, "callgrind.log"), "w"),
+                             stderr=subprocess.STDOUT, env=dict(os.environ, RUST_LOG="warn"))
+        procs.append(p)
+        return p
+    callgrind(tmp, "portcullis", gateway_vg, gport, [(f"portcullis {n}", p, h) for n, p, h in targets])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bin", required=True, help="portcullis binary")
+    ap.add_argument("--floor", help="the bare hyper proxy (examples/hyper_floor.rs), measured beside")
     ap.add_argument("--redis", action="store_true", help="also measure hybrid and redis rate-limit modes")
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per target (default 3)")
@@ -500,6 +532,15 @@ def run(args, tmp, conns):
                           f"sqlite://{tmp}/bench.db", "local", workers=1)
     g1 = gateway(args.bin, cfg1, g1_port, os.path.join(tmp, "one-worker.log"))
 
+    floor = None
+    if args.floor:
+        fl_port = free_port()
+        floor = subprocess.Popen([args.floor, f"127.0.0.1:{fl_port}", f"127.0.0.1:{up_port}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        procs.append(floor)
+        if not wait_port(fl_port, floor):
+            die("the hyper floor proxy did not start")
+
     nginx_url, gw = f"http://127.0.0.1:{nx_port}/", f"http://127.0.0.1:{gw_port}"
     gw1 = f"http://127.0.0.1:{g1_port}"
     targets = [
@@ -511,6 +552,8 @@ def run(args, tmp, conns):
         ("1 worker: plain", f"{gw1}/plain", g1.pid, []),
         ("1 worker: keyed", f"{gw1}/keyed", g1.pid, [f"Authorization: Bearer {key}"]),
     ]
+    if floor:
+        targets.append(("hyper floor (bare proxy)", f"http://127.0.0.1:{fl_port}/plain", floor.pid, []))
     log("warm-up…")
     for _, url, _, hdrs in targets:
         a = ["wrk", "-t1", "-c32", "-d1s"]
@@ -539,6 +582,12 @@ def run(args, tmp, conns):
     log(f"  CPU/request  plain / nginx          {ratio(p1['cpu'], n['cpu']):6.2f}x")
     log(f"  CPU/request  keyed / nginx          {ratio(k1['cpu'], n['cpu']):6.2f}x")
     log(f"  req/s        keyed / nginx          {ratio(k1['rps'], n['rps']):6.2f}x")
+    if floor:
+        fl = rows["hyper floor (bare proxy)"]
+        log("  the floor: hyper + tokio in the gateway's shape, none of its work (examples/hyper_floor.rs):")
+        log(f"  CPU/request  floor / nginx          {ratio(fl['cpu'], n['cpu']):6.2f}x")
+        log(f"  CPU/request  1-worker plain / floor {ratio(p1['cpu'], fl['cpu']):6.2f}x")
+        log(f"  CPU/request  1-worker keyed / floor {ratio(k1['cpu'], fl['cpu']):6.2f}x")
     g1.terminate()
     g1.wait(15)
     bad = n["non2xx"] + p["non2xx"] + k["non2xx"] + p1["non2xx"] + k1["non2xx"]
@@ -564,6 +613,9 @@ def run(args, tmp, conns):
     g2.wait(15)
 
     if args.instructions:
+        if floor:
+            floor.terminate()
+            floor.wait(15)
         instructions(args, tmp, up_port, f"sqlite://{tmp}/bench.db", [
             ("plain", "/plain", []),
             ("keyed", "/keyed", [f"Authorization: Bearer {key}"]),

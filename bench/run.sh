@@ -5,14 +5,16 @@
 #     worker), portcullis plain route (auth = "none"), keyed route (valid key),
 #     invalid keys (forged with a valid checksum, and mistyped); plain and keyed
 #     again on a portcullis with `workers = 1`, like for like with the nginx;
+#     and the floor: a bare hyper proxy in the gateway's shape doing none of its
+#     work (examples/hyper_floor.rs), to tell hyper's cost from the gateway's;
 #   - RSS per idle keep-alive connection (10,000 connections), portcullis and nginx;
 #   - RSS per connection after a burst of 4,000 (every request sent before any
 #     answer is read, as ../shared/acceptance/perf does), on a fresh gateway.
 # With --redis it also measures the keyed path in rate_limit.mode = "hybrid" and
 # "redis" on a local redis-server, with Redis commands per request. With
-# --instructions it counts instructions per request under callgrind: user
-# space only, but the same from run to run, so a small change shows through
-# the machine's noise.
+# --instructions it counts instructions per request under callgrind (nginx,
+# the floor and portcullis): user space only, but the same from run to run, so
+# a small change shows through the machine's noise.
 #
 #   bench/run.sh [--redis] [--instructions] [--duration SECS] [--rounds N] [--conns N] [--keep]
 #
@@ -56,14 +58,16 @@ fi
 command -v python3 >/dev/null 2>&1 || { echo "python3 is required" >&2; exit 1; }
 export PATH="$PATH:/usr/sbin:/sbin"
 
-echo "building: cargo build --release"
+echo "building: cargo build --release (and the bare hyper proxy, examples/hyper_floor.rs)"
 cargo build --release
+cargo build --release --example hyper_floor
 target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 bin="$target_dir/release/portcullis"
 [ -x "$bin" ] || { echo "no binary at $bin" >&2; exit 1; }
+floor="$target_dir/release/examples/hyper_floor"
 
 # Room for 10,000 client sockets plus the servers' ends (inherited by all of them).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-exec python3 bench/bench.py --bin "$bin" "$@"
+exec python3 bench/bench.py --bin "$bin" --floor "$floor" "$@"

@@ -28,10 +28,21 @@ pub fn check<B>(req: &Request<B>, framing_conflict: bool) -> Result<String, Gate
 }
 
 fn check_framing(h: &HeaderMap, version: Version) -> Result<(), GatewayError> {
-    let te = h.contains_key(header::TRANSFER_ENCODING);
-    let mut cl = h.get_all(header::CONTENT_LENGTH).iter();
-    let first_cl = cl.next();
-    if cl.next().is_some() {
+    // One pass over the headers (a handful) rather than three lookups.
+    let (mut te, mut cls, mut hosts) = (false, 0u32, 0u32);
+    let (mut first_cl, mut host) = (None, None);
+    for (name, value) in h {
+        if name == header::CONTENT_LENGTH {
+            cls += 1;
+            first_cl.get_or_insert(value);
+        } else if name == header::HOST {
+            hosts += 1;
+            host.get_or_insert(value);
+        } else if name == header::TRANSFER_ENCODING {
+            te = true;
+        }
+    }
+    if cls > 1 {
         return Err(GatewayError::BadRequest(
             "more than one Content-Length header",
         ));
@@ -47,9 +58,8 @@ fn check_framing(h: &HeaderMap, version: Version) -> Result<(), GatewayError> {
         return Err(GatewayError::BadRequest("malformed Content-Length"));
     }
     if version == Version::HTTP_11 {
-        let mut hosts = h.get_all(header::HOST).iter();
-        match (hosts.next(), hosts.next()) {
-            (Some(v), None) if !v.is_empty() => {}
+        match (host, hosts) {
+            (Some(v), 1) if !v.is_empty() => {}
             (None, _) => return Err(GatewayError::BadRequest("missing Host header")),
             _ => return Err(GatewayError::BadRequest("more than one Host header")),
         }

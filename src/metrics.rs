@@ -72,44 +72,70 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
-/// This thread's handles to labelled metrics, by registry and label set.
-type Handles<L, M> = RefCell<HashMap<(u64, L), M, RandomState>>;
+/// This thread's handles to labelled metrics, by registry and a key that
+/// stands for the label set. A cached handle keeps the name `Arc`s of its
+/// key alive, so a key made of their addresses cannot be reused by another
+/// name while it is cached.
+type Handles<K, M> = RefCell<HashMap<(u64, K), (M, Pin), RandomState>>;
+
+/// What a cached handle holds on to so that its key stays unique.
+type Pin = Option<Arc<str>>;
+
+/// Handles one thread caches per family before it starts over.
+const MAX_HANDLES: usize = 4096;
+
+/// A name `Arc`'s address, as a cache key.
+fn addr(a: &Arc<str>) -> usize {
+    Arc::as_ptr(a).cast::<u8>() as usize
+}
 
 thread_local! {
     // A `Family` lookup takes the family's lock and hashes the labels with
     // SipHash; a request made three, which showed in the per-request profile.
     // A handle is a clone sharing its value with the family's entry, so
     // counting through it counts in the family that `/metrics` renders.
-    static REQUESTS: Handles<RequestLabels, Counter> = RefCell::default();
-    static LATENCY: Handles<RouteLabel, Histogram> = RefCell::default();
-    static UPSTREAM_LATENCY: Handles<UpstreamLabel, Histogram> = RefCell::default();
-    static AUTH_REFUSALS: Handles<CodeLabel, Counter> = RefCell::default();
+    // Keys are addresses and small numbers: hashing them costs less than
+    // hashing names, and no label is built unless the handle is new.
+    static REQUESTS: Handles<(usize, &'static str, u16), Counter> = RefCell::default();
+    static LATENCY: Handles<usize, Histogram> = RefCell::default();
+    static UPSTREAM_LATENCY: Handles<usize, Histogram> = RefCell::default();
+    static AUTH_REFUSALS: Handles<&'static str, Counter> = RefCell::default();
 }
 
-/// Runs `f` on the metric of `family` for `labels`, through this thread's
-/// handle cache (`id` tells registries apart: tests run several gateways).
-fn with_handle<L, M>(
-    cache: &'static LocalKey<Handles<L, M>>,
+/// Runs `f` on the metric of `family` for the labels `key` stands for,
+/// through this thread's handle cache (`id` tells registries apart: tests
+/// run several gateways). `labels` makes the label set and the name to keep,
+/// only when the handle is not cached yet.
+fn with_handle<K, L, M>(
+    cache: &'static LocalKey<Handles<K, M>>,
     id: u64,
     family: &Family<L, M, fn() -> M>,
-    labels: L,
+    key: K,
+    labels: impl FnOnce() -> (L, Pin),
     f: impl FnOnce(&M),
 ) where
+    K: Hash + Eq + 'static,
     L: Clone + Hash + Eq + Send + Sync + 'static,
     M: Clone + Send + Sync + 'static,
 {
     cache.with(|c| {
         let Ok(mut c) = c.try_borrow_mut() else {
             // Not reached (`f` never re-enters); count without the cache.
-            return f(&family.get_or_create(&labels));
+            return f(&family.get_or_create(&labels().0));
         };
-        let key = (id, labels);
-        if let Some(m) = c.get(&key) {
+        let key = (id, key);
+        if let Some((m, _)) = c.get(&key) {
             return f(m);
         }
-        let m = family.get_or_create(&key.1).clone();
+        let (labels, pin) = labels();
+        let m = family.get_or_create(&labels).clone();
         f(&m);
-        c.insert(key, m);
+        if c.len() >= MAX_HANDLES {
+            // Each reload brings new name `Arc`s, so new keys: start over
+            // now and then rather than keep the old ones forever.
+            c.clear();
+        }
+        c.insert(key, (m, pin));
     })
 }
 
@@ -275,32 +301,52 @@ impl Metrics {
         status: u16,
         seconds: f64,
     ) {
-        let labels = RequestLabels {
-            route: route.clone(),
-            method: method_label(method),
-            status,
-        };
-        with_handle(&REQUESTS, self.id, &self.requests, labels, |c| {
-            c.inc();
-        });
-        let route = RouteLabel {
-            route: route.clone(),
-        };
-        with_handle(&LATENCY, self.id, &self.latency, route, |h| {
-            h.observe(seconds)
-        });
+        let method = method_label(method);
+        with_handle(
+            &REQUESTS,
+            self.id,
+            &self.requests,
+            (addr(route), method, status),
+            || {
+                let labels = RequestLabels {
+                    route: route.clone(),
+                    method,
+                    status,
+                };
+                (labels, Some(route.clone()))
+            },
+            |c| {
+                c.inc();
+            },
+        );
+        with_handle(
+            &LATENCY,
+            self.id,
+            &self.latency,
+            addr(route),
+            || {
+                let labels = RouteLabel {
+                    route: route.clone(),
+                };
+                (labels, Some(route.clone()))
+            },
+            |h| h.observe(seconds),
+        );
     }
 
     /// Records how long an upstream took to answer with headers.
     pub fn observe_upstream(&self, upstream: &Arc<str>, seconds: f64) {
-        let labels = UpstreamLabel {
-            upstream: upstream.clone(),
-        };
         with_handle(
             &UPSTREAM_LATENCY,
             self.id,
             &self.upstream_latency,
-            labels,
+            addr(upstream),
+            || {
+                let labels = UpstreamLabel {
+                    upstream: upstream.clone(),
+                };
+                (labels, Some(upstream.clone()))
+            },
             |h| h.observe(seconds),
         );
     }
@@ -311,7 +357,8 @@ impl Metrics {
             &AUTH_REFUSALS,
             self.id,
             &self.auth_refusals,
-            CodeLabel { code },
+            code,
+            || (CodeLabel { code }, None),
             |c| {
                 c.inc();
             },

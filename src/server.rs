@@ -59,7 +59,7 @@ impl RequestIds {
         for (i, b) in buf[p + 1..p + 13].iter_mut().enumerate() {
             *b = b"0123456789abcdef"[((n >> (44 - 4 * i)) & 0xf) as usize];
         }
-        RequestId::from_bytes(&buf[..p + 13]).unwrap_or_else(RequestId::unknown)
+        RequestId::made(&buf[..p + 13])
     }
 }
 

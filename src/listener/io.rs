@@ -226,6 +226,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
 pub struct FramingSniffer {
     line: [u8; 20],
     line_len: usize,
+    /// The current line cannot be a framing header or a blank line (its
+    /// first byte says so): its bytes are not kept.
+    skipping: bool,
     saw_cl: u8,
     saw_te: bool,
     started: bool,
@@ -269,12 +272,26 @@ impl FramingSniffer {
                 Some(i) => (&rest[..i], Some(&rest[i + 1..])),
                 None => (rest, None),
             };
-            let room = self.line.len() - self.line_len;
-            let take = part.len().min(room);
-            self.line[self.line_len..self.line_len + take].copy_from_slice(&part[..take]);
-            self.line_len += take;
+            if !self.skipping {
+                if self.line_len == 0
+                    && part
+                        .first()
+                        .is_some_and(|b| !matches!(b, b'c' | b'C' | b't' | b'T' | b'\r'))
+                {
+                    // The request line, `Host:` and most others.
+                    self.skipping = true;
+                } else {
+                    let room = self.line.len() - self.line_len;
+                    let take = part.len().min(room);
+                    self.line[self.line_len..self.line_len + take].copy_from_slice(&part[..take]);
+                    self.line_len += take;
+                }
+            }
             let Some(next) = next else { break };
-            if self.end_line() {
+            if self.skipping {
+                // Neither blank nor framing: the head's state is unchanged.
+                self.skipping = false;
+            } else if self.end_line() {
                 self.done = true;
                 return true;
             }

@@ -13,8 +13,8 @@
 //! thread whose table it reads. Anywhere else, tokio's timer does the job.
 
 use std::cell::{Cell, RefCell};
-use std::pin::pin;
-use std::task::{Poll, Waker};
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// How late a deadline may fire, and how often a busy worker's ticker runs.
@@ -63,28 +63,53 @@ pub fn after(start: Instant, d: Duration) -> Instant {
 }
 
 /// Runs `fut` until it finishes or `at` passes.
-pub async fn within<F: Future>(at: Instant, fut: F) -> Result<F::Output, Elapsed> {
-    if !ENABLED.with(Cell::get) {
-        return tokio::time::timeout_at(at.into(), fut)
-            .await
-            .map_err(|_| Elapsed);
+pub fn within<F: Future>(at: Instant, fut: F) -> Within<F> {
+    // Boxed: a `Sleep` is large and cache-line aligned, and this future sits
+    // inside every proxied request's.
+    let fallback =
+        (!ENABLED.with(Cell::get)).then(|| Box::pin(tokio::time::sleep_until(at.into())));
+    Within {
+        fut,
+        fallback,
+        at,
+        slot: Registration(None),
     }
-    let mut fut = pin!(fut);
-    let mut slot = Registration(None);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`within`]. A struct, not an `async fn`: that would
+    /// hold `fut` twice (as its argument and as the future it polls), and
+    /// this future sits inside every proxied request's.
+    pub struct Within<F> {
+        #[pin]
+        fut: F,
+        // Off the worker threads: tokio's timer.
+        fallback: Option<Pin<Box<tokio::time::Sleep>>>,
+        at: Instant,
+        slot: Registration,
+    }
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(v) = this.fut.poll(cx) {
             return Poll::Ready(Ok(v));
         }
-        match slot.0 {
-            // Registered only once the future waits: most of a request's
-            // first poll already ends in a wait, but a ready answer costs nothing.
-            None => slot.0 = Some(register(at, cx.waker())),
+        if let Some(sleep) = this.fallback {
+            return sleep.as_mut().poll(cx).map(|()| Err(Elapsed));
+        }
+        match this.slot.0 {
+            // Registered only once the future waits: an answer ready at
+            // once costs nothing.
+            None => this.slot.0 = Some(register(*this.at, cx.waker())),
             Some(i) if fired_or_rewake(i, cx.waker()) => return Poll::Ready(Err(Elapsed)),
             Some(_) => {}
         }
         Poll::Pending
-    })
-    .await
+    }
 }
 
 /// A slot of this thread's table, freed on drop (the request finished, or
@@ -221,11 +246,18 @@ mod tests {
     fn a_future_past_its_deadline_is_cut_within_a_grain_or_two() {
         worker_runtime().block_on(async {
             let start = Instant::now();
-            let r = within(start + Duration::from_millis(50), std::future::pending::<()>()).await;
+            let r = within(
+                start + Duration::from_millis(50),
+                std::future::pending::<()>(),
+            )
+            .await;
             let took = start.elapsed();
             assert_eq!(r, Err(Elapsed));
             assert!(took >= Duration::from_millis(50), "fired early: {took:?}");
-            assert!(took < Duration::from_millis(50) + 20 * GRAIN, "fired late: {took:?}");
+            assert!(
+                took < Duration::from_millis(50) + 20 * GRAIN,
+                "fired late: {took:?}"
+            );
         });
     }
 
@@ -233,11 +265,17 @@ mod tests {
     fn the_ticker_stops_when_nothing_waits_and_restarts_for_the_next_deadline() {
         worker_runtime().block_on(async {
             let soon = || Instant::now() + Duration::from_millis(30);
-            assert_eq!(within(soon(), std::future::pending::<()>()).await, Err(Elapsed));
+            assert_eq!(
+                within(soon(), std::future::pending::<()>()).await,
+                Err(Elapsed)
+            );
             // Let the ticker see the empty table and end.
             tokio::time::sleep(3 * GRAIN).await;
             TABLE.with(|t| assert!(!t.borrow().ticking, "ticker still running"));
-            assert_eq!(within(soon(), std::future::pending::<()>()).await, Err(Elapsed));
+            assert_eq!(
+                within(soon(), std::future::pending::<()>()).await,
+                Err(Elapsed)
+            );
         });
     }
 

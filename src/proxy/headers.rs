@@ -53,15 +53,24 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
     if present(&header::CONNECTION) {
         // `keep-alive` and `close` (nearly every upstream answer says one)
         // name nothing beyond the hop-by-hop headers removed below.
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
+        let nothing_named = h.get_all(header::CONNECTION).iter().all(|v| {
+            let v = v.as_bytes();
+            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+        });
+        let named: Vec<HeaderName> = if nothing_named {
+            Vec::new()
+        } else {
+            h.get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|s| s.split(','))
+                .map(str::trim)
+                .filter(|t| {
+                    !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")
+                })
+                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+                .collect()
+        };
         for n in named {
             if keep_upgrade && n == header::UPGRADE {
                 continue;

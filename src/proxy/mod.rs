@@ -12,6 +12,8 @@ use crate::context::names;
 use crate::context::{RequestCtx, ResponseBody};
 use crate::error::GatewayError;
 use crate::keys::Environment;
+use futures_util::FutureExt;
+use futures_util::future::Either as EitherFuture;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{Either, Limited};
 use hyper::body::Incoming;
@@ -114,13 +116,55 @@ pub struct Forwarding {
 }
 
 /// Forwards the request and returns the upstream's response, streamed.
-pub async fn forward(
+///
+/// Not an `async fn`: the request is rewritten and handed to the pool here,
+/// so the returned future (inside every proxied request's) holds no copy of
+/// it. The upstream exchange starts when this is called.
+pub fn forward<'a>(
+    pool: &'a UpstreamPool,
+    route: &Route,
+    req: Request<Incoming>,
+    fwd: Forwarding,
+    ctx: &'a mut RequestCtx,
+) -> impl Future<Output = Result<Response<ResponseBody>, GatewayError>> + Send + 'a {
+    let started = rewrite(pool, route, req, fwd, ctx).map(|(out, target, client_upgrade)| {
+        ctx.upstream = Some(pool.config.name.clone());
+        let sent = Instant::now();
+        let response = deadline::within(
+            deadline::after(sent, pool.config.request_timeout),
+            pool.target_pool(target)
+                .send(&pool.connector, pool.limits, out, sent),
+        );
+        // A combinator, not an `async` block: moving the response future
+        // out of a captured value would hold it twice.
+        response.map(move |result| {
+            ctx.upstream_latency = Some(sent.elapsed());
+            answer(result, client_upgrade)
+        })
+    });
+    match started {
+        Ok(f) => EitherFuture::Right(f),
+        Err(e) => EitherFuture::Left(std::future::ready(Err(e))),
+    }
+}
+
+/// The request as it goes upstream (origin-form target, hop-by-hop headers
+/// out, forwarding and identity headers set), the target it goes to, and the
+/// client side of a WebSocket upgrade.
+fn rewrite(
     pool: &UpstreamPool,
     route: &Route,
     mut req: Request<Incoming>,
     fwd: Forwarding,
-    ctx: &mut RequestCtx,
-) -> Result<Response<ResponseBody>, GatewayError> {
+    ctx: &RequestCtx,
+) -> Result<
+    (
+        Request<ForwardBody>,
+        usize,
+        Option<hyper::upgrade::OnUpgrade>,
+    ),
+    GatewayError,
+> {
     let env = ctx.identity.as_ref().map(|i| i.key.environment);
     let target = pool.pick(env);
     let upgrade = route.websocket && req.headers().contains_key(header::UPGRADE);
@@ -195,16 +239,15 @@ pub async fn forward(
     }
     let limit = usize::try_from(route.max_body_bytes).unwrap_or(usize::MAX);
     let out = Request::from_parts(head, Limited::new(body, limit));
+    Ok((out, target, client_upgrade))
+}
 
-    ctx.upstream = Some(pool.config.name.clone());
-    let sent = Instant::now();
-    let result = deadline::within(
-        deadline::after(sent, pool.config.request_timeout),
-        pool.target_pool(target)
-            .send(&pool.connector, pool.limits, out, sent),
-    )
-    .await;
-    ctx.upstream_latency = Some(sent.elapsed());
+/// The client's answer from the upstream's: its response with hop-by-hop
+/// headers out, or the upgraded connection spliced to the client's.
+fn answer(
+    result: Result<Result<Response<Incoming>, SendError>, deadline::Elapsed>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Result<Response<ResponseBody>, GatewayError> {
     let mut resp = match result {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
         Ok(Err(e)) => return Err(classify(&e)),

@@ -78,35 +78,57 @@ impl TargetPool {
     /// Sends `req` (at `now`) on a ready pooled connection, or on a new one. A request
     /// is retried (once, on a new connection) only when hyper hands it back
     /// unsent: a pooled connection the upstream had just closed.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: on a pooled connection the request is handed to
+    /// hyper here, so the returned future holds no request (an `async fn`
+    /// would keep its `req` argument for its whole life, in the future of
+    /// every proxied request).
+    pub fn send<'a>(
+        &'a self,
+        connector: &'a Connector,
+        limits: PoolLimits,
+        req: http::Request<ForwardBody>,
+        now: Instant,
+    ) -> impl Future<Output = Result<http::Response<Incoming>, SendError>> + Send + 'a {
+        let first = match self.take_ready(limits.idle_timeout, now) {
+            Some(mut tx) => {
+                let response = tx.try_send_request(req);
+                // Back in the pool at once: busy until hyper finishes this
+                // exchange, then ready for the next request.
+                self.put_back(tx, limits.max_kept, now);
+                Ok(response)
+            }
+            // Boxed: connecting is the rare case.
+            None => Err(Box::new(req)),
+        };
+        async move {
+            let req = match first {
+                Ok(response) => match response.await {
+                    Ok(r) => return Ok(r),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => unsent,
+                        None => return Err(SendError::Http(e.into_error())),
+                    },
+                },
+                Err(req) => *req,
+            };
+            Box::pin(self.send_on_new(connector, limits, req, now)).await
+        }
+    }
+
+    /// Sends `req` on a newly opened connection (none was ready, or the
+    /// ready one had just been closed by the upstream).
+    async fn send_on_new(
         &self,
         connector: &Connector,
         limits: PoolLimits,
-        mut req: http::Request<ForwardBody>,
+        req: http::Request<ForwardBody>,
         now: Instant,
     ) -> Result<http::Response<Incoming>, SendError> {
-        loop {
-            let (mut tx, fresh) = match self.take_ready(limits.idle_timeout, now) {
-                Some(tx) => (tx, false),
-                // Boxed: connecting is the rare case, and its future would
-                // otherwise size every request's.
-                None => (
-                    Box::pin(self.connect(connector, limits.connect_timeout)).await?,
-                    true,
-                ),
-            };
-            let response = tx.try_send_request(req);
-            // Back in the pool at once: busy until hyper finishes this
-            // exchange, then ready for the next request.
-            self.put_back(tx, limits.max_kept, now);
-            match response.await {
-                Ok(r) => return Ok(r),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if !fresh => req = unsent,
-                    _ => return Err(SendError::Http(e.into_error())),
-                },
-            }
-        }
+        let mut tx = self.connect(connector, limits.connect_timeout).await?;
+        let response = tx.try_send_request(req);
+        self.put_back(tx, limits.max_kept, now);
+        response.await.map_err(|e| SendError::Http(e.into_error()))
     }
 
     /// The most recently used ready connection, dropping closed and stale ones.
