@@ -11,6 +11,12 @@ targets; the table shows medians. CPU µs per request comes from utime+stime in
 /proc/PID/stat of the nginx front's worker and of the portcullis process, so
 the upstream's and wrk's CPU are not counted for either.
 
+The floor (--floor, built by run.sh): examples/hyper_floor.rs, a bare reverse
+proxy on the gateway's parts and in its shape (one current-thread worker,
+hyper's HTTP/1 server and client connections) doing none of its work. What
+portcullis costs above it is the gateway's own; what the floor costs above
+nginx is hyper's and tokio's.
+
 Idle connections: N keep-alive connections, each having sent one request and
 read its response, held open; RSS growth (VmRSS) per connection.
 
@@ -327,7 +333,7 @@ def redis_calls(port):
     return calls
 
 
-def bench_redis(args, tmp, up_port):
+def bench_redis(args, tmp, up_port, nginx_url, nx_worker):
     rport = free_port()
     rdir = os.path.join(tmp, "redis")
     os.makedirs(rdir)
@@ -339,7 +345,7 @@ def bench_redis(args, tmp, up_port):
     procs.append(rp)
     if not wait_port(rport, rp):
         die("redis-server did not start")
-    rows, cmds = {}, {}
+    rows, cmds, nginx_runs = {}, {}, []
     for mode in ("hybrid", "redis"):
         gw_port, admin_port = free_port(), free_port()
         cfg = gateway_config(tmp, f"redis-{mode}", gw_port, admin_port, up_port,
@@ -354,6 +360,8 @@ def bench_redis(args, tmp, up_port):
         subprocess.run(["wrk", "-t1", "-c32", "-d1s", "-H", hdr[0], url], capture_output=True)
         runs, per_req, redis_cpu, last_delta = [], [], [], {}
         for _ in range(args.rounds):
+            # nginx in the same rounds: the ratios compare like with like.
+            nginx_runs.append(wrk(nginx_url, [nx_worker], args.duration))
             c0, r0 = redis_calls(rport), cpu_ticks(rp.pid)
             r = wrk(url, [g.pid], args.duration, hdr)
             c1, r1 = redis_calls(rport), cpu_ticks(rp.pid)
@@ -367,8 +375,14 @@ def bench_redis(args, tmp, up_port):
         cmds[mode] = (statistics.median(per_req), statistics.median(redis_cpu), last_delta, row["n"] / len(runs))
         g.terminate()
         g.wait(15)
+    n = median_row(nginx_runs)
+    rows = {"nginx proxy_pass (same rounds)": n} | rows
     print_table(rows, f"Redis store (appendfsync everysec), keyed route, medians of {args.rounds} rounds "
-                      f"(CPU: portcullis only)")
+                      f"(CPU: nginx front worker / portcullis; redis-server below)")
+    for mode in ("hybrid", "redis"):
+        r = rows[f"keyed, {mode} mode"]
+        log(f"  {mode:<7} CPU/request / nginx {ratio(r['cpu'], n['cpu']):5.2f}x   req/s / nginx "
+            f"{ratio(r['rps'], n['rps']):5.2f}x" + ("   (acceptance: <= 1.25, >= 0.80)" if mode == "hybrid" else ""))
     log("")
     log("  Redis commands per request, from INFO commandstats deltas (INFO itself excluded). Redis also")
     log("  counts the commands a Lua script runs, so a request served by one EVALSHA round trip that runs")
@@ -626,7 +640,7 @@ def run(args, tmp, conns):
     if args.redis:
         g.terminate()
         g.wait(15)
-        bench_redis(args, tmp, up_port)
+        bench_redis(args, tmp, up_port, nginx_url, nx_worker)
 
 
 if __name__ == "__main__":

@@ -319,36 +319,37 @@ impl Metrics {
                 c.inc();
             },
         );
-        with_handle(
-            &LATENCY,
-            self.id,
-            &self.latency,
-            addr(route),
-            || {
-                let labels = RouteLabel {
-                    route: route.clone(),
-                };
-                (labels, Some(route.clone()))
-            },
-            |h| h.observe(seconds),
-        );
+        let label = |route| RouteLabel { route };
+        self.observe_named(&LATENCY, &self.latency, route, label, seconds);
     }
 
     /// Records how long an upstream took to answer with headers.
     pub fn observe_upstream(&self, upstream: &Arc<str>, seconds: f64) {
-        with_handle(
+        let label = |upstream| UpstreamLabel { upstream };
+        self.observe_named(
             &UPSTREAM_LATENCY,
-            self.id,
             &self.upstream_latency,
-            addr(upstream),
-            || {
-                let labels = UpstreamLabel {
-                    upstream: upstream.clone(),
-                };
-                (labels, Some(upstream.clone()))
-            },
-            |h| h.observe(seconds),
+            upstream,
+            label,
+            seconds,
         );
+    }
+
+    /// Observes `seconds` in the histogram of `family` labelled by one name.
+    fn observe_named<L>(
+        &self,
+        cache: &'static LocalKey<Handles<usize, Histogram>>,
+        family: &Family<L, Histogram, fn() -> Histogram>,
+        name: &Arc<str>,
+        label: impl FnOnce(Arc<str>) -> L,
+        seconds: f64,
+    ) where
+        L: Clone + Hash + Eq + Send + Sync + 'static,
+    {
+        let labels = || (label(name.clone()), Some(name.clone()));
+        with_handle(cache, self.id, family, addr(name), labels, |h| {
+            h.observe(seconds)
+        });
     }
 
     /// Counts a request refused by authentication or authorisation.
