@@ -835,6 +835,42 @@ async fn guard_rejects_content_length_with_transfer_encoding() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_looks_like_framing_headers_is_not_taken_for_a_head() {
+    let echo = EchoUpstream::start().await;
+    let gw = start_gateway(&catch_all_config(&echo)).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    // An uploaded HTTP dump: the body's own lines must not mark the connection.
+    let body = "Content-Length: 1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n";
+    let post = format!(
+        "POST /v1/upload HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(post.as_bytes()).await.unwrap();
+    let first = read_one_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "the upload: {first}");
+    let chunked = format!(
+        "POST /v1/upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    s.write_all(chunked.as_bytes()).await.unwrap();
+    let second = read_one_response(&mut s).await;
+    assert!(
+        second.starts_with("HTTP/1.1 200"),
+        "the chunked upload: {second}"
+    );
+    s.write_all(b"GET /v1/next HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let third = read_one_response(&mut s).await;
+    assert!(
+        third.starts_with("HTTP/1.1 200"),
+        "the next request on the connection: {third}"
+    );
+    assert_eq!(echo.count(), 3);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guard_rejects_two_content_lengths() {
     let echo = EchoUpstream::start().await;
     let gw = start_gateway(&catch_all_config(&echo)).await;

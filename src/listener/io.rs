@@ -222,32 +222,137 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
 /// resolves those silently (it drops or merges `Content-Length`), but a
 /// gateway must refuse them: a server behind another proxy could frame the
 /// same bytes differently.
+///
+/// Bodies are skipped by the framing their head gave (a length, or chunks
+/// and trailers), so that body bytes which look like header lines are not
+/// taken for the next head. When the framing cannot be followed (a value
+/// too long to keep), every line is read as a possible header line again,
+/// which errs towards refusing.
 #[derive(Default)]
 pub struct FramingSniffer {
-    line: [u8; 20],
+    line: Line,
     line_len: usize,
     /// The current line cannot be a framing header or a blank line (its
     /// first byte says so): its bytes are not kept.
     skipping: bool,
+    /// A line longer than `line` was cut: its value is not known.
+    cut: bool,
+    /// The current head has a non-blank line (blank lines before a request
+    /// line are not a head's end).
+    in_head: bool,
     saw_cl: u8,
+    /// The head's `Content-Length`, when it could be read.
+    cl: Option<u64>,
     saw_te: bool,
+    /// Whether the head's last `Transfer-Encoding` ends in `chunked`.
+    chunked: bool,
+    /// What the bytes after the current head are.
+    body: Body,
     started: bool,
     done: bool,
+}
+
+/// Bytes of a line kept: enough for `Content-Length:` with any value, and
+/// for a chunk size.
+const LINE_KEPT: usize = 48;
+
+/// The start of the current line.
+struct Line([u8; LINE_KEPT]);
+
+impl Default for Line {
+    fn default() -> Self {
+        Line([0; LINE_KEPT])
+    }
+}
+
+/// Where the sniffer is in the bytes that follow a head.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+enum Body {
+    /// Reading header lines (or a request line).
+    #[default]
+    Head,
+    /// Skipping this many body bytes.
+    Bytes(u64),
+    /// Reading a chunk-size line.
+    ChunkSize,
+    /// Skipping a chunk's data and its CRLF.
+    ChunkData(u64),
+    /// Reading trailer lines, up to the blank line ending the message.
+    Trailers,
+}
+
+fn parse_u64(b: &[u8], radix: u32) -> Option<u64> {
+    let s = std::str::from_utf8(b).ok()?;
+    u64::from_str_radix(s, radix).ok()
 }
 
 impl FramingSniffer {
     /// A line ended: true if the head it belongs to is now in conflict.
     fn end_line(&mut self) -> bool {
-        let line = &self.line[..self.line_len];
+        let line = &self.line.0[..self.line_len];
+        let cut = std::mem::take(&mut self.cut);
         self.line_len = 0;
-        if line.is_empty() || line == b"\r" {
-            // A blank line ends a head; the next head starts afresh.
+        let blank = line.is_empty() || line == b"\r";
+        match self.body {
+            Body::ChunkSize => {
+                let size = line
+                    .split(|b| *b == b';' || *b == b'\r')
+                    .next()
+                    .unwrap_or(&[]);
+                self.body = match parse_u64(size.trim_ascii(), 16) {
+                    Some(0) => Body::Trailers,
+                    Some(n) if !cut || size.len() < line.len() => {
+                        Body::ChunkData(n.saturating_add(2))
+                    }
+                    // Lost: read lines as header lines from here.
+                    _ => Body::Head,
+                };
+                return false;
+            }
+            Body::Trailers => {
+                if blank {
+                    self.body = Body::Head;
+                }
+                return false;
+            }
+            Body::Bytes(_) | Body::ChunkData(_) => return false,
+            Body::Head => {}
+        }
+        if blank {
+            if std::mem::take(&mut self.in_head) {
+                // A head ended; its body follows.
+                self.body = if self.saw_te && self.chunked {
+                    Body::ChunkSize
+                } else if self.saw_te {
+                    // hyper refuses a request whose last coding is not
+                    // chunked; nothing to follow.
+                    Body::Head
+                } else {
+                    match self.cl {
+                        Some(n) if n > 0 => Body::Bytes(n),
+                        _ => Body::Head,
+                    }
+                };
+            }
             self.saw_cl = 0;
             self.saw_te = false;
-        } else if line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:") {
+            self.chunked = false;
+            self.cl = None;
+            return false;
+        }
+        self.in_head = true;
+        if line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:") {
             self.saw_cl = self.saw_cl.saturating_add(1);
+            self.cl = if cut {
+                None
+            } else {
+                parse_u64(line[15..].trim_ascii(), 10)
+            };
         } else if line.len() >= 18 && line[..18].eq_ignore_ascii_case(b"transfer-encoding:") {
             self.saw_te = true;
+            let v = line[18..].trim_ascii();
+            self.chunked =
+                !cut && v.len() >= 7 && v[v.len() - 7..].eq_ignore_ascii_case(b"chunked");
         }
         (self.saw_cl > 0 && self.saw_te) || self.saw_cl > 1
     }
@@ -267,6 +372,20 @@ impl FramingSniffer {
         }
         let mut rest = bytes;
         loop {
+            if let Body::Bytes(n) | Body::ChunkData(n) = self.body {
+                let skip = usize::try_from(n).unwrap_or(usize::MAX).min(rest.len());
+                rest = &rest[skip..];
+                let left = n - skip as u64;
+                self.body = match (self.body, left) {
+                    (Body::Bytes(_), 0) => Body::Head,
+                    (Body::ChunkData(_), 0) => Body::ChunkSize,
+                    (Body::Bytes(_), _) => Body::Bytes(left),
+                    _ => Body::ChunkData(left),
+                };
+                if rest.is_empty() {
+                    return false;
+                }
+            }
             // Only each line's first bytes matter: jump from newline to newline.
             let (part, next) = match memchr::memchr(b'\n', rest) {
                 Some(i) => (&rest[..i], Some(&rest[i + 1..])),
@@ -274,16 +393,19 @@ impl FramingSniffer {
             };
             if !self.skipping {
                 if self.line_len == 0
+                    && self.body == Body::Head
                     && part
                         .first()
                         .is_some_and(|b| !matches!(b, b'c' | b'C' | b't' | b'T' | b'\r'))
                 {
                     // The request line, `Host:` and most others.
                     self.skipping = true;
+                    self.in_head = true;
                 } else {
-                    let room = self.line.len() - self.line_len;
+                    let room = LINE_KEPT - self.line_len;
                     let take = part.len().min(room);
-                    self.line[self.line_len..self.line_len + take].copy_from_slice(&part[..take]);
+                    self.cut |= take < part.len();
+                    self.line.0[self.line_len..self.line_len + take].copy_from_slice(&part[..take]);
                     self.line_len += take;
                 }
             }
@@ -328,5 +450,59 @@ mod tests {
         assert!(!s.scan(
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n"
         ));
+    }
+
+    #[test]
+    fn sniffer_skips_a_body_of_known_length_that_looks_like_headers() {
+        let mut s = FramingSniffer::default();
+        let body = "Content-Length: 1\nContent-Length: 2\nTransfer-Encoding: x\n";
+        let req = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        // Split in every place: the framing is followed across reads.
+        for cut in 0..req.len() {
+            let mut s2 = FramingSniffer::default();
+            assert!(!s2.scan(&req.as_bytes()[..cut]), "cut at {cut}");
+            assert!(!s2.scan(&req.as_bytes()[cut..]), "cut at {cut}");
+        }
+        assert!(!s.scan(req.as_bytes()));
+        // The next head is read as a head again.
+        assert!(s.scan(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx"));
+    }
+
+    #[test]
+    fn sniffer_skips_chunks_and_trailers() {
+        let chunk = "Content-Length: 1\r\nContent-Length: 2\r\n";
+        let req = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+             {:x};ext=1\r\n{chunk}\r\n0\r\nContent-Length: 9\r\nContent-Length: 9\r\n\r\n",
+            chunk.len()
+        );
+        for cut in 0..req.len() {
+            let mut s = FramingSniffer::default();
+            assert!(!s.scan(&req.as_bytes()[..cut]), "cut at {cut}");
+            assert!(!s.scan(&req.as_bytes()[cut..]), "cut at {cut}");
+            assert_eq!(s.body, Body::Head, "cut at {cut}");
+        }
+        let mut s = FramingSniffer::default();
+        assert!(!s.scan(req.as_bytes()));
+        assert!(
+            s.scan(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n")
+        );
+    }
+
+    #[test]
+    fn sniffer_reads_lines_again_when_it_loses_the_framing() {
+        // A length it cannot keep: the body is read as header lines, as
+        // before bodies were followed (refusing rather than missing).
+        let long = format!("Content-Length: {}5\r\n", " ".repeat(60));
+        let mut s = FramingSniffer::default();
+        assert!(
+            s.scan(
+                format!("POST / HTTP/1.1\r\n{long}\r\nContent-Length: 1\r\nContent-Length: 1\r\n")
+                    .as_bytes()
+            )
+        );
     }
 }
