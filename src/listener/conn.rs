@@ -95,7 +95,12 @@ pub async fn serve<I: Socket>(
     }
     let h2 = match h2_alpn {
         Some(h2) => h2,
-        None => match sniff_h2(&mut io, first).await {
+        // Shutdown does not wait for a client that sent a byte and stalled.
+        None => match tokio::select! {
+            biased;
+            _ = stop.changed() => None,
+            h2 = sniff_h2(&mut io, first) => h2,
+        } {
             Some(h2) => h2,
             None => return,
         },
