@@ -237,15 +237,8 @@ pub struct FramingSniffer {
     skipping: bool,
     /// A line longer than `line` was cut: its value is not known.
     cut: bool,
-    /// The current head has a non-blank line (blank lines before a request
-    /// line are not a head's end).
-    in_head: bool,
-    saw_cl: u8,
-    /// The head's `Content-Length`, when it could be read.
-    cl: Option<u64>,
-    saw_te: bool,
-    /// Whether the head's last `Transfer-Encoding` ends in `chunked`.
-    chunked: bool,
+    /// What the current head said so far.
+    head: HeadSeen,
     /// What the bytes after the current head are.
     body: Body,
     started: bool,
@@ -262,6 +255,38 @@ struct Line([u8; LINE_KEPT]);
 impl Default for Line {
     fn default() -> Self {
         Line([0; LINE_KEPT])
+    }
+}
+
+/// What a request head has said about its framing so far.
+#[derive(Default)]
+struct HeadSeen {
+    /// It has a non-blank line (blank lines before a request line are not
+    /// a head's end).
+    started: bool,
+    /// `Content-Length` lines seen.
+    cls: u8,
+    /// The `Content-Length`, when it could be read.
+    cl: Option<u64>,
+    /// `Transfer-Encoding` seen: whether its last one ends in `chunked`.
+    te_chunked: Option<bool>,
+}
+
+impl HeadSeen {
+    fn in_conflict(&self) -> bool {
+        (self.cls > 0 && self.te_chunked.is_some()) || self.cls > 1
+    }
+
+    /// What follows the head once it ended.
+    fn body(&self) -> Body {
+        match (self.te_chunked, self.cl) {
+            (Some(true), _) => Body::ChunkSize,
+            // hyper refuses a request whose last coding is not chunked:
+            // nothing to follow.
+            (Some(false), _) => Body::Head,
+            (None, Some(n)) if n > 0 => Body::Bytes(n),
+            (None, _) => Body::Head,
+        }
     }
 }
 
@@ -319,42 +344,28 @@ impl FramingSniffer {
             Body::Head => {}
         }
         if blank {
-            if std::mem::take(&mut self.in_head) {
+            let head = std::mem::take(&mut self.head);
+            if head.started {
                 // A head ended; its body follows.
-                self.body = if self.saw_te && self.chunked {
-                    Body::ChunkSize
-                } else if self.saw_te {
-                    // hyper refuses a request whose last coding is not
-                    // chunked; nothing to follow.
-                    Body::Head
-                } else {
-                    match self.cl {
-                        Some(n) if n > 0 => Body::Bytes(n),
-                        _ => Body::Head,
-                    }
-                };
+                self.body = head.body();
             }
-            self.saw_cl = 0;
-            self.saw_te = false;
-            self.chunked = false;
-            self.cl = None;
             return false;
         }
-        self.in_head = true;
+        let head = &mut self.head;
+        head.started = true;
         if line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:") {
-            self.saw_cl = self.saw_cl.saturating_add(1);
-            self.cl = if cut {
+            head.cls = head.cls.saturating_add(1);
+            head.cl = if cut {
                 None
             } else {
                 parse_u64(line[15..].trim_ascii(), 10)
             };
         } else if line.len() >= 18 && line[..18].eq_ignore_ascii_case(b"transfer-encoding:") {
-            self.saw_te = true;
             let v = line[18..].trim_ascii();
-            self.chunked =
-                !cut && v.len() >= 7 && v[v.len() - 7..].eq_ignore_ascii_case(b"chunked");
+            head.te_chunked =
+                Some(!cut && v.len() >= 7 && v[v.len() - 7..].eq_ignore_ascii_case(b"chunked"));
         }
-        (self.saw_cl > 0 && self.saw_te) || self.saw_cl > 1
+        head.in_conflict()
     }
 
     /// Feeds the next bytes read; true once a conflicting head was seen.
@@ -400,7 +411,7 @@ impl FramingSniffer {
                 {
                     // The request line, `Host:` and most others.
                     self.skipping = true;
-                    self.in_head = true;
+                    self.head.started = true;
                 } else {
                     let room = LINE_KEPT - self.line_len;
                     let take = part.len().min(room);

@@ -27,6 +27,11 @@ pub enum SendError {
     Http(#[from] hyper::Error),
 }
 
+/// What hyper answers for a request handed over: the response, or the
+/// error with the request when it was never sent.
+type HandedOver =
+    Result<http::Response<Incoming>, hyper::client::conn::TrySendError<http::Request<ForwardBody>>>;
+
 /// The connector for http and https upstreams (TCP, then rustls with the
 /// webpki roots for https).
 pub type Connector = HttpsConnector<HttpConnector>;
@@ -91,13 +96,7 @@ impl TargetPool {
         now: Instant,
     ) -> impl Future<Output = Result<http::Response<Incoming>, SendError>> + Send + 'a {
         let first = match self.take_ready(limits.idle_timeout, now) {
-            Some(mut tx) => {
-                let response = tx.try_send_request(req);
-                // Back in the pool at once: busy until hyper finishes this
-                // exchange, then ready for the next request.
-                self.put_back(tx, limits.max_kept, now);
-                Ok(response)
-            }
+            Some(tx) => Ok(self.hand_over(tx, req, limits.max_kept, now)),
             // Boxed: connecting is the rare case.
             None => Err(Box::new(req)),
         };
@@ -125,10 +124,23 @@ impl TargetPool {
         req: http::Request<ForwardBody>,
         now: Instant,
     ) -> Result<http::Response<Incoming>, SendError> {
-        let mut tx = self.connect(connector, limits.connect_timeout).await?;
-        let response = tx.try_send_request(req);
-        self.put_back(tx, limits.max_kept, now);
+        let tx = self.connect(connector, limits.connect_timeout).await?;
+        let response = self.hand_over(tx, req, limits.max_kept, now);
         response.await.map_err(|e| SendError::Http(e.into_error()))
+    }
+
+    /// Gives `req` to hyper on `tx`, and `tx` back to the pool at once: busy
+    /// until hyper finishes this exchange, then ready for the next request.
+    fn hand_over(
+        &self,
+        mut tx: SendRequest<ForwardBody>,
+        req: http::Request<ForwardBody>,
+        max_kept: usize,
+        now: Instant,
+    ) -> impl Future<Output = HandedOver> + Send + use<> {
+        let response = tx.try_send_request(req);
+        self.put_back(tx, max_kept, now);
+        response
     }
 
     /// The most recently used ready connection, dropping closed and stale ones.
