@@ -132,14 +132,17 @@ pub struct RequestCtx {
     pub cors_origin: Option<http::HeaderValue>,
     /// The connection.
     pub conn: ConnInfo,
+    /// Which of the request headers the stages act on are present.
+    pub seen: Seen,
 }
 
 impl RequestCtx {
     /// A fresh context for a request that just arrived.
-    pub fn new(conn: ConnInfo, method: http::Method, request_id: RequestId) -> Self {
+    pub fn new(conn: ConnInfo, method: http::Method, request_id: RequestId, seen: Seen) -> Self {
         RequestCtx {
             start: Instant::now(),
             request_id,
+            seen,
             method,
             path: String::new(),
             route: None,
@@ -150,6 +153,69 @@ impl RequestCtx {
             cors_origin: None,
             conn,
         }
+    }
+}
+
+/// The request headers the stages act on that a request carries, found by
+/// the guard in one pass over the head. A stage whose header is absent
+/// skips its lookup: most requests carry a handful of headers and none of
+/// these but `Host`, and each lookup hashes the name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seen(u32);
+
+impl Seen {
+    /// `Host`.
+    pub const HOST: Seen = Seen(1);
+    /// A second `Host`.
+    pub const HOST_TWICE: Seen = Seen(1 << 1);
+    /// The first `Host` is empty.
+    pub const HOST_EMPTY: Seen = Seen(1 << 2);
+    /// `Content-Length`.
+    pub const CONTENT_LENGTH: Seen = Seen(1 << 3);
+    /// A second `Content-Length`.
+    pub const CONTENT_LENGTH_TWICE: Seen = Seen(1 << 4);
+    /// The first `Content-Length` is not a decimal number.
+    pub const CONTENT_LENGTH_MALFORMED: Seen = Seen(1 << 5);
+    /// `Transfer-Encoding`.
+    pub const TRANSFER_ENCODING: Seen = Seen(1 << 6);
+    /// A hop-by-hop header other than `Upgrade` (RFC 9110 §7.6.1, and the
+    /// proxy credentials): `Connection`, `Keep-Alive`, `TE`, `Proxy-*`,
+    /// `Transfer-Encoding`.
+    pub const HOP_BY_HOP: Seen = Seen(1 << 7);
+    /// `Upgrade`.
+    pub const UPGRADE: Seen = Seen(1 << 8);
+    /// `Authorization`.
+    pub const AUTHORIZATION: Seen = Seen(1 << 9);
+    /// `X-API-Key`.
+    pub const X_API_KEY: Seen = Seen(1 << 10);
+    /// `X-Request-Id`.
+    pub const X_REQUEST_ID: Seen = Seen(1 << 11);
+    /// `X-Forwarded-For`.
+    pub const X_FORWARDED_FOR: Seen = Seen(1 << 12);
+    /// `X-Forwarded-Host`.
+    pub const X_FORWARDED_HOST: Seen = Seen(1 << 13);
+    /// One of the identity headers the gateway sets (`X-Key-Id`,
+    /// `X-Workspace-Id`, `X-Key-Environment`).
+    pub const IDENTITY: Seen = Seen(1 << 14);
+    /// `Origin`.
+    pub const ORIGIN: Seen = Seen(1 << 15);
+
+    /// Whether any of `these` is present.
+    pub fn any(self, these: Seen) -> bool {
+        self.0 & these.0 != 0
+    }
+}
+
+impl std::ops::BitOr for Seen {
+    type Output = Seen;
+    fn bitor(self, other: Seen) -> Seen {
+        Seen(self.0 | other.0)
+    }
+}
+
+impl std::ops::BitOrAssign for Seen {
+    fn bitor_assign(&mut self, other: Seen) {
+        self.0 |= other.0;
     }
 }
 

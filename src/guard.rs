@@ -3,18 +3,73 @@
 //! one canonical path that the router matches, auth authorises and the
 //! proxy forwards. Never looks at credentials or the store.
 
+use crate::context::Seen;
 use crate::error::GatewayError;
-use http::{HeaderMap, Method, Request, Version, header};
+use http::{HeaderMap, Method, Request, Version};
+
+/// The request headers the later stages act on, in one pass over the head
+/// (a handful of headers): by name length first, as the names are.
+pub fn scan(h: &HeaderMap) -> Seen {
+    let mut seen = Seen::default();
+    for (name, value) in h {
+        let n = name.as_str();
+        let found = match n.len() {
+            2 if n == "te" => Seen::HOP_BY_HOP,
+            4 if n == "host" => {
+                if seen.any(Seen::HOST) {
+                    Seen::HOST_TWICE
+                } else if value.is_empty() {
+                    Seen::HOST | Seen::HOST_EMPTY
+                } else {
+                    Seen::HOST
+                }
+            }
+            6 if n == "origin" => Seen::ORIGIN,
+            7 if n == "upgrade" => Seen::UPGRADE,
+            8 if n == "x-key-id" => Seen::IDENTITY,
+            9 if n == "x-api-key" => Seen::X_API_KEY,
+            10 if n == "connection" || n == "keep-alive" => Seen::HOP_BY_HOP,
+            12 if n == "x-request-id" => Seen::X_REQUEST_ID,
+            13 if n == "authorization" => Seen::AUTHORIZATION,
+            14 if n == "content-length" => {
+                let v = value.as_bytes();
+                if seen.any(Seen::CONTENT_LENGTH) {
+                    Seen::CONTENT_LENGTH_TWICE
+                } else if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+                    Seen::CONTENT_LENGTH | Seen::CONTENT_LENGTH_MALFORMED
+                } else {
+                    Seen::CONTENT_LENGTH
+                }
+            }
+            14 if n == "x-workspace-id" => Seen::IDENTITY,
+            15 if n == "x-forwarded-for" => Seen::X_FORWARDED_FOR,
+            16 if n == "x-forwarded-host" => Seen::X_FORWARDED_HOST,
+            16 if n == "proxy-connection" => Seen::HOP_BY_HOP,
+            17 if n == "transfer-encoding" => Seen::TRANSFER_ENCODING | Seen::HOP_BY_HOP,
+            17 if n == "x-key-environment" => Seen::IDENTITY,
+            18 if n == "proxy-authenticate" => Seen::HOP_BY_HOP,
+            19 if n == "proxy-authorization" => Seen::HOP_BY_HOP,
+            _ => continue,
+        };
+        seen |= found;
+    }
+    seen
+}
 
 /// Checks framing and the request target; returns the canonical path
-/// (`.`/`..` resolved, `//` merged; the query is not part of it).
-pub fn check<B>(req: &Request<B>, framing_conflict: bool) -> Result<String, GatewayError> {
+/// (`.`/`..` resolved, `//` merged; the query is not part of it). `seen` is
+/// [`scan`] of the request's headers.
+pub fn check<B>(
+    req: &Request<B>,
+    seen: Seen,
+    framing_conflict: bool,
+) -> Result<String, GatewayError> {
     if framing_conflict {
         return Err(GatewayError::BadRequest(
             "ambiguous framing: Content-Length with Transfer-Encoding, or twice",
         ));
     }
-    check_framing(req.headers(), req.version())?;
+    check_framing(seen, req.version())?;
     let uri = req.uri();
     if req.version() <= Version::HTTP_11 && (uri.scheme().is_some() || uri.authority().is_some()) {
         return Err(GatewayError::BadRequest(
@@ -27,41 +82,29 @@ pub fn check<B>(req: &Request<B>, framing_conflict: bool) -> Result<String, Gate
     canonical_path(uri.path())
 }
 
-fn check_framing(h: &HeaderMap, version: Version) -> Result<(), GatewayError> {
-    // One pass over the headers (a handful) rather than three lookups.
-    let (mut te, mut cls, mut hosts) = (false, 0u32, 0u32);
-    let (mut first_cl, mut host) = (None, None);
-    for (name, value) in h {
-        if name == header::CONTENT_LENGTH {
-            cls += 1;
-            first_cl.get_or_insert(value);
-        } else if name == header::HOST {
-            hosts += 1;
-            host.get_or_insert(value);
-        } else if name == header::TRANSFER_ENCODING {
-            te = true;
-        }
-    }
-    if cls > 1 {
+fn check_framing(seen: Seen, version: Version) -> Result<(), GatewayError> {
+    if seen.any(Seen::CONTENT_LENGTH_TWICE) {
         return Err(GatewayError::BadRequest(
             "more than one Content-Length header",
         ));
     }
-    if te && first_cl.is_some() {
+    if seen.any(Seen::TRANSFER_ENCODING) && seen.any(Seen::CONTENT_LENGTH) {
         return Err(GatewayError::BadRequest(
             "Content-Length together with Transfer-Encoding",
         ));
     }
-    if let Some(v) = first_cl
-        && (v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit))
-    {
+    if seen.any(Seen::CONTENT_LENGTH_MALFORMED) {
         return Err(GatewayError::BadRequest("malformed Content-Length"));
     }
     if version == Version::HTTP_11 {
-        match (host, hosts) {
-            (Some(v), 1) if !v.is_empty() => {}
-            (None, _) => return Err(GatewayError::BadRequest("missing Host header")),
-            _ => return Err(GatewayError::BadRequest("more than one Host header")),
+        if !seen.any(Seen::HOST) {
+            return Err(GatewayError::BadRequest("missing Host header"));
+        }
+        if seen.any(Seen::HOST_TWICE) {
+            return Err(GatewayError::BadRequest("more than one Host header"));
+        }
+        if seen.any(Seen::HOST_EMPTY) {
+            return Err(GatewayError::BadRequest("empty Host header"));
         }
     }
     Ok(())
@@ -191,7 +234,7 @@ mod tests {
     }
 
     fn check_<B>(r: &Request<B>) -> Result<String, GatewayError> {
-        check(r, false)
+        check(r, scan(r.headers()), false)
     }
 
     #[test]
@@ -232,5 +275,62 @@ mod tests {
             check_(&req(&[("host", "a")], v, "/x//y?q=1")).unwrap(),
             "/x/y"
         );
+    }
+
+    #[test]
+    fn the_scan_finds_every_header_a_stage_acts_on() {
+        let cases: &[(&str, Seen)] = &[
+            ("host", Seen::HOST),
+            ("content-length", Seen::CONTENT_LENGTH),
+            (
+                "transfer-encoding",
+                Seen::TRANSFER_ENCODING | Seen::HOP_BY_HOP,
+            ),
+            ("te", Seen::HOP_BY_HOP),
+            ("connection", Seen::HOP_BY_HOP),
+            ("keep-alive", Seen::HOP_BY_HOP),
+            ("proxy-connection", Seen::HOP_BY_HOP),
+            ("proxy-authenticate", Seen::HOP_BY_HOP),
+            ("proxy-authorization", Seen::HOP_BY_HOP),
+            ("upgrade", Seen::UPGRADE),
+            ("authorization", Seen::AUTHORIZATION),
+            ("x-api-key", Seen::X_API_KEY),
+            ("x-request-id", Seen::X_REQUEST_ID),
+            ("x-forwarded-for", Seen::X_FORWARDED_FOR),
+            ("x-forwarded-host", Seen::X_FORWARDED_HOST),
+            ("x-key-id", Seen::IDENTITY),
+            ("x-workspace-id", Seen::IDENTITY),
+            ("x-key-environment", Seen::IDENTITY),
+            ("origin", Seen::ORIGIN),
+            ("x-other", Seen::default()),
+            ("accept", Seen::default()),
+        ];
+        for (name, want) in cases {
+            let r = req(&[(name, "1")], Version::HTTP_11, "/");
+            assert_eq!(scan(r.headers()), *want, "{name}");
+        }
+        let twice = req(&[("host", "a"), ("Host", "b")], Version::HTTP_11, "/");
+        assert_eq!(scan(twice.headers()), Seen::HOST | Seen::HOST_TWICE);
+        let empty = req(&[("host", "")], Version::HTTP_11, "/");
+        assert!(scan(empty.headers()).any(Seen::HOST_EMPTY));
+        assert!(check_(&empty).is_err());
+        for bad in ["", "12a", "-1", "1 2"] {
+            let r = req(
+                &[("host", "a"), ("content-length", bad)],
+                Version::HTTP_11,
+                "/",
+            );
+            assert!(
+                scan(r.headers()).any(Seen::CONTENT_LENGTH_MALFORMED),
+                "{bad:?}"
+            );
+            assert!(check_(&r).is_err(), "{bad:?}");
+        }
+        let ok = req(
+            &[("host", "a"), ("content-length", "12")],
+            Version::HTTP_11,
+            "/",
+        );
+        assert!(check_(&ok).is_ok());
     }
 }

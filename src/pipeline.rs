@@ -7,7 +7,7 @@
 use crate::auth::{self, AuthInput};
 use crate::config::{AuthMode, Config, Limit, Route};
 use crate::context::{
-    ConnInfo, RateVerdict, RequestCtx, RequestId, ResponseBody, full_body, names,
+    ConnInfo, RateVerdict, RequestCtx, RequestId, ResponseBody, Seen, full_body, names,
 };
 use crate::error::{ErrorSource, GatewayError};
 use crate::ratelimit::{Decision, LimitRequest};
@@ -22,8 +22,13 @@ use std::sync::atomic::Ordering;
 /// answers of DESIGN.md.
 pub async fn handle(req: Request<Incoming>, conn: ConnInfo, app: &App) -> Response<ResponseBody> {
     let snap = app.current.load_full();
-    let request_id = RequestId::from_client(req.headers()).unwrap_or_else(|| app.ids.next());
-    let mut ctx = RequestCtx::new(conn, req.method().clone(), request_id);
+    let seen = crate::guard::scan(req.headers());
+    let request_id = seen
+        .any(Seen::X_REQUEST_ID)
+        .then(|| RequestId::from_client(req.headers()))
+        .flatten()
+        .unwrap_or_else(|| app.ids.next());
+    let mut ctx = RequestCtx::new(conn, req.method().clone(), request_id, seen);
     let h2 = req.version() == http::Version::HTTP_2;
 
     let max = snap.config.server.max_in_flight;
@@ -60,7 +65,7 @@ async fn inner(
     app: &App,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let cfg = &snap.config;
-    ctx.path = crate::guard::check(&req, ctx.conn.framing_conflict)?;
+    ctx.path = crate::guard::check(&req, ctx.seen, ctx.conn.framing_conflict)?;
     auth::check_query(req.uri().query(), cfg)?;
 
     if cfg.self_service && crate::admin::self_service::handles(&ctx.path) {
@@ -82,6 +87,7 @@ async fn inner(
     if route.auth == AuthMode::Key {
         let input = AuthInput {
             headers: req.headers(),
+            seen: ctx.seen,
             client_ip,
             route: &route,
         };
@@ -93,7 +99,8 @@ async fn inner(
         rate_limit(ctx, &route, cfg, app).await?;
     }
 
-    if let Some(len) = content_length(req.headers())
+    if ctx.seen.any(Seen::CONTENT_LENGTH)
+        && let Some(len) = content_length(req.headers())
         && len > route.max_body_bytes
     {
         return Err(GatewayError::PayloadTooLarge);
@@ -105,7 +112,7 @@ async fn inner(
     // A gateway key never reaches an upstream, even one sent by mistake to
     // a route without auth; other credentials (e.g. Basic) pass there.
     let strip_credentials = route.auth == AuthMode::Key
-        || auth::credential(req.headers())
+        || auth::credential(req.headers(), ctx.seen)
             .ok()
             .flatten()
             .is_some_and(|c| cfg.key_format.has_known_prefix(c));
@@ -357,7 +364,32 @@ fn forwarded_for(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> HeaderValue {
             return v;
         }
     }
-    ip_header(peer)
+    peer_header(peer)
+}
+
+thread_local! {
+    /// The last peer address written as a header on this thread: a client
+    /// sends many requests in a row (keep-alive), so writing it once saves
+    /// an allocation per request.
+    static LAST_PEER: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// [`ip_header`] of the peer, through this thread's one-entry memo.
+fn peer_header(peer: IpAddr) -> HeaderValue {
+    LAST_PEER.with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return ip_header(peer);
+        };
+        match &*last {
+            Some((ip, v)) if *ip == peer => v.clone(),
+            _ => {
+                let v = ip_header(peer);
+                *last = Some((peer, v.clone()));
+                v
+            }
+        }
+    })
 }
 
 /// An address as a header value. IPv4 is written by hand: `Display` for
@@ -390,7 +422,17 @@ fn ip_header(ip: IpAddr) -> HeaderValue {
 
 #[cfg(test)]
 mod tests {
-    use super::ip_header;
+    use super::{ip_header, peer_header};
+
+    #[test]
+    fn the_peer_memo_answers_for_the_peer_asked() {
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(peer_header(a), "10.0.0.1");
+        assert_eq!(peer_header(a), "10.0.0.1");
+        assert_eq!(peer_header(b), "10.0.0.2");
+        assert_eq!(peer_header(a), "10.0.0.1");
+    }
 
     #[test]
     fn addresses_are_written_as_display_writes_them() {

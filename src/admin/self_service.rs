@@ -102,6 +102,7 @@ pub async fn handle(
     let identity = {
         let input = AuthInput {
             headers: req.headers(),
+            seen: ctx.seen,
             client_ip,
             route,
         };

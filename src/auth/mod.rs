@@ -9,8 +9,7 @@ pub mod cache;
 pub use cache::KeyCache;
 
 use crate::config::{Config, Route};
-use crate::context::Identity;
-use crate::context::names;
+use crate::context::{Identity, Seen, names};
 use crate::error::GatewayError;
 use crate::keys::{KeyRecord, KeyStatus};
 use crate::time::Timestamp;
@@ -36,33 +35,42 @@ pub fn check_query(query: Option<&str>, cfg: &Config) -> Result<(), GatewayError
 }
 
 /// The credential a request carries: `Authorization: Bearer` or `X-API-Key`.
-/// Two different ones are ambiguous (400).
-pub fn credential(h: &HeaderMap) -> Result<Option<&str>, GatewayError> {
-    let mut auths = h.get_all(header::AUTHORIZATION).iter();
-    let bearer = match (auths.next(), auths.next()) {
-        (None, _) => None,
-        (Some(_), Some(_)) => {
-            return Err(GatewayError::BadRequest(
-                "more than one Authorization header",
-            ));
-        }
-        (Some(v), None) => {
-            let s = v.to_str().map_err(|_| GatewayError::InvalidApiKey)?;
-            match s.split_once(' ') {
-                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
-                    Some(token.trim())
+/// Two different ones are ambiguous (400). `seen` says which of the two
+/// headers are present, so an absent one costs no lookup.
+pub fn credential(h: &HeaderMap, seen: Seen) -> Result<Option<&str>, GatewayError> {
+    let bearer = if seen.any(Seen::AUTHORIZATION) {
+        let mut auths = h.get_all(header::AUTHORIZATION).iter();
+        match (auths.next(), auths.next()) {
+            (None, _) => None,
+            (Some(_), Some(_)) => {
+                return Err(GatewayError::BadRequest(
+                    "more than one Authorization header",
+                ));
+            }
+            (Some(v), None) => {
+                let s = v.to_str().map_err(|_| GatewayError::InvalidApiKey)?;
+                match s.split_once(' ') {
+                    Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                        Some(token.trim())
+                    }
+                    _ => None,
                 }
-                _ => None,
             }
         }
+    } else {
+        None
     };
-    let mut keys = h.get_all(names::X_API_KEY).iter();
-    let header_key = match (keys.next(), keys.next()) {
-        (None, _) => None,
-        (Some(_), Some(_)) => {
-            return Err(GatewayError::BadRequest("more than one X-API-Key header"));
+    let header_key = if seen.any(Seen::X_API_KEY) {
+        let mut keys = h.get_all(names::X_API_KEY).iter();
+        match (keys.next(), keys.next()) {
+            (None, _) => None,
+            (Some(_), Some(_)) => {
+                return Err(GatewayError::BadRequest("more than one X-API-Key header"));
+            }
+            (Some(v), None) => Some(v.to_str().map_err(|_| GatewayError::InvalidApiKey)?.trim()),
         }
-        (Some(v), None) => Some(v.to_str().map_err(|_| GatewayError::InvalidApiKey)?.trim()),
+    } else {
+        None
     };
     match (bearer, header_key) {
         (Some(a), Some(b)) if a != b => Err(GatewayError::BadRequest(
@@ -77,6 +85,8 @@ pub fn credential(h: &HeaderMap) -> Result<Option<&str>, GatewayError> {
 pub struct AuthInput<'a> {
     /// The request headers.
     pub headers: &'a HeaderMap,
+    /// Which of them the guard saw.
+    pub seen: Seen,
     /// The client address as the gateway believes it.
     pub client_ip: IpAddr,
     /// The matched route.
@@ -89,7 +99,7 @@ pub async fn authenticate(
     cfg: &Config,
     keys: &KeyCache,
 ) -> Result<Identity, GatewayError> {
-    let secret = credential(input.headers)?.ok_or(GatewayError::MissingApiKey)?;
+    let secret = credential(input.headers, input.seen)?.ok_or(GatewayError::MissingApiKey)?;
     let parsed = cfg
         .key_format
         .parse(secret)
@@ -236,16 +246,19 @@ mod tests {
     #[test]
     fn credentials() {
         let mut h = HeaderMap::new();
-        assert_eq!(credential(&h).unwrap(), None);
+        assert_eq!(credential(&h, crate::guard::scan(&h)).unwrap(), None);
         h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
-        assert_eq!(credential(&h).unwrap(), Some("abc"));
+        assert_eq!(credential(&h, crate::guard::scan(&h)).unwrap(), Some("abc"));
         h.insert("x-api-key", "abc".parse().unwrap());
         assert_eq!(
-            credential(&h).unwrap(),
+            credential(&h, crate::guard::scan(&h)).unwrap(),
             Some("abc"),
             "the same key twice is not ambiguous"
         );
         h.insert("x-api-key", "def".parse().unwrap());
-        assert!(matches!(credential(&h), Err(GatewayError::BadRequest(_))));
+        assert!(matches!(
+            credential(&h, crate::guard::scan(&h)),
+            Err(GatewayError::BadRequest(_))
+        ));
     }
 }

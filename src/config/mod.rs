@@ -310,8 +310,11 @@ pub struct Config {
     pub cache: Cache,
     /// `[rate_limit]`.
     pub rate_limit: RateLimitSettings,
-    /// `[plans.*]`.
-    pub plans: HashMap<String, Arc<[Limit]>>,
+    /// `[plans.*]` (foldhash: a keyed request with a plan looks it up).
+    pub plans: HashMap<String, Arc<[Limit]>, foldhash::fast::RandomState>,
+    /// `[plans.default]`'s limits, or none: what a key without a plan (or
+    /// with a plan since removed) gets, without a lookup per request.
+    pub default_plan: Arc<[Limit]>,
     /// Key prefixes from `[key_kinds.*]` (plus the default `secret` and `public`).
     pub key_format: KeyFormat,
     /// `[upstreams.*]`.
@@ -330,9 +333,7 @@ impl Config {
     /// The limits a key's plan gives it: its plan, else `[plans.default]`, else none.
     pub fn plan_limits(&self, plan: Option<&str>) -> &[Limit] {
         plan.and_then(|p| self.plans.get(p))
-            .or_else(|| self.plans.get("default"))
-            .map(|l| &l[..])
-            .unwrap_or(&[])
+            .unwrap_or(&self.default_plan)
     }
 }
 
@@ -691,7 +692,7 @@ impl Validator<'_> {
             timeout: dur(r.timeout, "100ms"),
         };
         // [plans.*]
-        let mut plans = HashMap::new();
+        let mut plans = HashMap::default();
         for (name, p) in &f.plans {
             let limits: Vec<Limit> = p
                 .limits
@@ -944,6 +945,10 @@ impl Validator<'_> {
             store,
             cache,
             rate_limit,
+            default_plan: plans
+                .get("default")
+                .cloned()
+                .unwrap_or_else(|| Arc::from([])),
             plans,
             key_format,
             upstreams,

@@ -306,6 +306,18 @@ enum Body {
     Trailers,
 }
 
+/// Whether a line (the bytes from its start) is `Content-Length:` or
+/// `Transfer-Encoding:`, by its first byte before its name.
+fn is_framing_line(line: &[u8]) -> bool {
+    let starts =
+        |name: &[u8]| line.len() >= name.len() && line[..name.len()].eq_ignore_ascii_case(name);
+    match line.first() {
+        Some(b'c' | b'C') => starts(b"content-length:"),
+        Some(b't' | b'T') => starts(b"transfer-encoding:"),
+        _ => false,
+    }
+}
+
 fn parse_u64(b: &[u8], radix: u32) -> Option<u64> {
     let s = std::str::from_utf8(b).ok()?;
     u64::from_str_radix(s, radix).ok()
@@ -368,6 +380,21 @@ impl FramingSniffer {
         head.in_conflict()
     }
 
+    /// The common read, checked in one sweep: at the start of a head, whole
+    /// heads (ending in a blank line) none of whose lines is a framing
+    /// header. Such heads have no body, so the sniffer is at the start of a
+    /// head again afterwards, as it was.
+    fn whole_heads_without_framing(&self, bytes: &[u8]) -> bool {
+        self.line_len == 0
+            && !self.skipping
+            && self.body == Body::Head
+            && !self.head.started
+            && bytes.ends_with(b"\r\n\r\n")
+            && !is_framing_line(bytes)
+            && memchr::memchr_iter(b'\n', &bytes[..bytes.len() - 1])
+                .all(|i| !is_framing_line(&bytes[i + 1..]))
+    }
+
     /// Feeds the next bytes read; true once a conflicting head was seen.
     pub fn scan(&mut self, bytes: &[u8]) -> bool {
         if self.done {
@@ -380,6 +407,9 @@ impl FramingSniffer {
                 self.done = true;
                 return false;
             }
+        }
+        if self.whole_heads_without_framing(bytes) {
+            return false;
         }
         let mut rest = bytes;
         loop {
@@ -443,6 +473,31 @@ mod tests {
         let mut s = FramingSniffer::default();
         assert!(!s.scan(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Len"));
         assert!(s.scan(b"gth: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"));
+    }
+
+    #[test]
+    fn sniffer_sweeps_whole_plain_heads_and_still_sees_framing_after_them() {
+        let mut s = FramingSniffer::default();
+        let plain = b"GET /a HTTP/1.1\r\nHost: a\r\nCookie: x\r\nTE: gzip\r\n\r\n";
+        assert!(s.whole_heads_without_framing(plain));
+        assert!(!s.scan(plain));
+        let two = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert!(!s.scan(two));
+        let framed = b"POST / HTTP/1.1\r\nHost: a\r\ncontent-length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(!s.whole_heads_without_framing(framed));
+        assert!(s.scan(framed));
+    }
+
+    #[test]
+    fn sniffer_does_not_sweep_the_rest_of_a_head_it_is_in() {
+        let mut s = FramingSniffer::default();
+        assert!(!s.scan(b"POST / HTTP/1.1\r\nContent-Length: 40\r\n"));
+        // The head's end: its Content-Length says 40 body bytes follow.
+        let rest = b"Host: a\r\n\r\n";
+        assert!(!s.whole_heads_without_framing(rest));
+        assert!(!s.scan(rest));
+        // A body that reads like a conflicting head is skipped, not read.
+        assert!(!s.scan(b"Content-Length: 1\r\nContent-Length: 2\r\n"));
     }
 
     #[test]

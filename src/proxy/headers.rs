@@ -26,51 +26,47 @@ fn is_hop_by_hop(n: &HeaderName, with_upgrade: bool) -> bool {
 /// `Upgrade` is removed too unless `keep_upgrade` (a WebSocket route).
 /// Returns whether the client asked for trailers (`TE: trailers`).
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
-    // One pass over the names present (a handful) instead of a hash lookup
-    // per hop-by-hop name; most requests carry none, most answers one. At
-    // most eight distinct names match, so they fit on the stack.
+    // One pass over the headers present (a handful), reading the values of
+    // `TE` and `Connection` on the way, instead of a hash lookup per name;
+    // most requests carry none, most answers only `Connection: keep-alive`.
+    // At most eight distinct names match, so they fit on the stack.
     let mut found: [Option<HeaderName>; 8] = Default::default();
     let mut count = 0;
-    for (slot, name) in found
-        .iter_mut()
-        .zip(h.keys().filter(|n| is_hop_by_hop(n, !keep_upgrade)))
-    {
-        *slot = Some(name.clone());
-        count += 1;
+    let (mut wants_trailers, mut names_more) = (false, false);
+    for (name, value) in h.iter() {
+        if !is_hop_by_hop(name, !keep_upgrade) {
+            continue;
+        }
+        if name == header::TE {
+            wants_trailers |= value.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+        } else if name == header::CONNECTION {
+            // `keep-alive` and `close` name nothing beyond the hop-by-hop
+            // headers removed below.
+            let v = value.as_bytes();
+            names_more |=
+                !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"));
+        }
+        if count < found.len() && !found[..count].iter().flatten().any(|n| n == name) {
+            found[count] = Some(name.clone());
+            count += 1;
+        }
     }
     if count == 0 {
         return false;
     }
-    let found = &found[..count];
-    let present = |name: &HeaderName| found.iter().flatten().any(|n| n == name);
-    let wants_trailers = present(&header::TE)
-        && h.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-        });
-    if present(&header::CONNECTION) {
-        // `keep-alive` and `close` (nearly every upstream answer says one)
-        // name nothing beyond the hop-by-hop headers removed below.
-        let nothing_named = h.get_all(header::CONNECTION).iter().all(|v| {
-            let v = v.as_bytes();
-            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
-        });
-        let named: Vec<HeaderName> = if nothing_named {
-            Vec::new()
-        } else {
-            h.get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|s| s.split(','))
-                .map(str::trim)
-                .filter(|t| {
-                    !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")
-                })
-                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-                .collect()
-        };
+    if names_more {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
         for n in named {
             if keep_upgrade && n == header::UPGRADE {
                 continue;
@@ -78,7 +74,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
             h.remove(&n);
         }
     }
-    for n in found.iter().flatten() {
+    for n in found[..count].iter().flatten() {
         h.remove(n);
     }
     wants_trailers

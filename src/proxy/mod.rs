@@ -8,13 +8,12 @@ pub mod headers;
 pub mod pool;
 
 use crate::config::{Route, Upstream};
-use crate::context::names;
-use crate::context::{RequestCtx, ResponseBody};
+use crate::context::{RequestCtx, ResponseBody, Seen, names};
 use crate::error::GatewayError;
 use crate::keys::Environment;
 use futures_util::FutureExt;
 use futures_util::future::Either as EitherFuture;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{Either, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -148,6 +147,14 @@ pub fn forward<'a>(
     }
 }
 
+/// The identity headers the gateway sets for the upstream, in the order of
+/// the values `rewrite` makes.
+const IDENTITY_HEADERS: [HeaderName; 3] = [
+    names::X_KEY_ID,
+    names::X_WORKSPACE_ID,
+    names::X_KEY_ENVIRONMENT,
+];
+
 /// The request as it goes upstream (origin-form target, hop-by-hop headers
 /// out, forwarding and identity headers set), the target it goes to, and the
 /// client side of a WebSocket upgrade.
@@ -167,28 +174,41 @@ fn rewrite(
 > {
     let env = ctx.identity.as_ref().map(|i| i.key.environment);
     let target = pool.pick(env);
-    let upgrade = route.websocket && req.headers().contains_key(header::UPGRADE);
+    let upgrade = route.websocket && ctx.seen.any(Seen::UPGRADE);
 
-    // Origin-form on the upstream connection: the canonical path + the query.
-    let mut pq = String::with_capacity(ctx.path.len() + 1 + req.uri().query().map_or(0, str::len));
-    pq.push_str(&ctx.path);
-    if let Some(q) = req.uri().query() {
-        pq.push('?');
-        pq.push_str(q);
-    }
-    // From `Bytes`: `str::parse` would copy the string once more.
-    let uri = Uri::from_maybe_shared(bytes::Bytes::from(pq))
-        .map_err(|_| GatewayError::BadRequest("malformed request target"))?;
-
-    let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    // Origin-form on the upstream connection: the canonical path + the
+    // query. Most requests arrive that way already: their target is kept.
+    let uri = if req.uri().scheme().is_none()
+        && req.uri().authority().is_none()
+        && req.uri().path() == ctx.path
+    {
+        None
+    } else {
+        let query = req.uri().query();
+        let mut pq = String::with_capacity(ctx.path.len() + 1 + query.map_or(0, str::len));
+        pq.push_str(&ctx.path);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        // From `Bytes`: `str::parse` would copy the string once more.
+        let uri = Uri::from_maybe_shared(bytes::Bytes::from(pq))
+            .map_err(|_| GatewayError::BadRequest("malformed request target"))?;
+        Some(uri)
+    };
+    // HTTP/2 names the host in the target (`:authority`), not in `Host`.
+    let target_host = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
+    let seen = ctx.seen;
     let h = req.headers_mut();
-    let wants_trailers = headers::strip_hop_by_hop(h, upgrade);
+    // Removals only for names the guard saw: each is a hash lookup, and
+    // most requests carry none of them.
+    let wants_trailers =
+        seen.any(Seen::HOP_BY_HOP | Seen::UPGRADE) && headers::strip_hop_by_hop(h, upgrade);
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
@@ -196,44 +216,56 @@ fn rewrite(
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if fwd.strip_credentials {
-        h.remove(header::AUTHORIZATION);
-        h.remove(names::X_API_KEY);
+        if seen.any(Seen::AUTHORIZATION) {
+            h.remove(header::AUTHORIZATION);
+        }
+        if seen.any(Seen::X_API_KEY) {
+            h.remove(names::X_API_KEY);
+        }
     }
     // The upstream sees its own name; X-Forwarded-Host carries the client's.
-    h.insert(header::HOST, pool.hosts[target].clone());
+    let original_host = h
+        .insert(header::HOST, pool.hosts[target].clone())
+        .or(target_host);
     h.insert(names::X_FORWARDED_FOR, fwd.xff);
     h.insert(
         names::X_FORWARDED_PROTO,
         HeaderValue::from_static(if ctx.conn.tls { "https" } else { "http" }),
     );
     match original_host {
-        Some(v) => h.insert(names::X_FORWARDED_HOST, v),
-        None => h.remove(names::X_FORWARDED_HOST),
-    };
+        Some(v) => {
+            h.insert(names::X_FORWARDED_HOST, v);
+        }
+        None if seen.any(Seen::X_FORWARDED_HOST) => {
+            h.remove(names::X_FORWARDED_HOST);
+        }
+        None => {}
+    }
     h.insert(names::X_REQUEST_ID, ctx.request_id.header());
     // Identity headers: always ours, never the client's (an insert replaces
     // every value the client sent under the name).
-    let identity = ctx.identity.as_ref().map(|id| {
-        (
+    if let Some(id) = ctx.identity.as_ref() {
+        let values = [
             HeaderValue::from_str(&id.key.id).ok(),
             HeaderValue::from_str(&id.key.workspace).ok(),
             Some(HeaderValue::from_static(id.key.environment.as_str())),
-        )
-    });
-    let (key_id, workspace, environment) = identity.unwrap_or_default();
-    for (name, value) in [
-        (names::X_KEY_ID, key_id),
-        (names::X_WORKSPACE_ID, workspace),
-        (names::X_KEY_ENVIRONMENT, environment),
-    ] {
-        match value {
-            Some(v) => h.insert(name, v),
-            None => h.remove(name),
-        };
+        ];
+        for (name, value) in IDENTITY_HEADERS.into_iter().zip(values) {
+            match value {
+                Some(v) => h.insert(name, v),
+                None => h.remove(name),
+            };
+        }
+    } else if seen.any(Seen::IDENTITY) {
+        for name in IDENTITY_HEADERS {
+            h.remove(name);
+        }
     }
 
     let (mut head, body) = req.into_parts();
-    head.uri = uri;
+    if let Some(uri) = uri {
+        head.uri = uri;
+    }
     if head.version == http::Version::HTTP_2 {
         head.version = http::Version::HTTP_11;
     }
@@ -292,7 +324,8 @@ fn classify(e: &SendError) -> GatewayError {
 /// The pools of one config snapshot, by upstream name.
 #[derive(Debug, Default, Clone)]
 pub struct Pools {
-    by_name: std::collections::HashMap<Arc<str>, Arc<UpstreamPool>>,
+    // foldhash: every proxied request looks its pool up by name.
+    by_name: std::collections::HashMap<Arc<str>, Arc<UpstreamPool>, foldhash::fast::RandomState>,
 }
 
 impl Pools {
@@ -302,7 +335,7 @@ impl Pools {
         previous: Option<&Pools>,
         workers: usize,
     ) -> Pools {
-        let mut by_name = std::collections::HashMap::new();
+        let mut by_name = std::collections::HashMap::default();
         for u in upstreams {
             let kept = previous
                 .and_then(|p| p.by_name.get(&u.name))
