@@ -92,7 +92,37 @@ impl std::fmt::Display for RequestId {
 #[derive(Clone, Debug)]
 pub struct Identity {
     /// The key record (shared with the cache; never holds the secret).
-    pub key: Arc<crate::keys::KeyRecord>,
+    pub key: Arc<AuthedKey>,
+}
+
+/// A key record as the key cache holds it, with the identity header values
+/// the proxy sends upstream, made once per cache fill instead of once per
+/// request. Reads as the record it wraps.
+#[derive(Debug)]
+pub struct AuthedKey {
+    record: crate::keys::KeyRecord,
+    /// `X-Key-Id` (none if the id is not a valid header value).
+    pub key_id_header: Option<http::HeaderValue>,
+    /// `X-Workspace-Id` (likewise).
+    pub workspace_header: Option<http::HeaderValue>,
+}
+
+impl AuthedKey {
+    /// Wraps a record found in the store.
+    pub fn new(record: crate::keys::KeyRecord) -> Self {
+        AuthedKey {
+            key_id_header: http::HeaderValue::from_str(&record.id).ok(),
+            workspace_header: http::HeaderValue::from_str(&record.workspace).ok(),
+            record,
+        }
+    }
+}
+
+impl std::ops::Deref for AuthedKey {
+    type Target = crate::keys::KeyRecord;
+    fn deref(&self) -> &crate::keys::KeyRecord {
+        &self.record
+    }
 }
 
 /// The rate-limit verdict for the tightest applicable limit (filled by `ratelimit`).

@@ -235,9 +235,12 @@ fn finish(resp: &mut Response<ResponseBody>, ctx: &RequestCtx) {
         reset_secs,
     }) = ctx.rate
     {
-        h.insert(names::X_RATELIMIT_LIMIT, HeaderValue::from(limit));
+        h.insert(names::X_RATELIMIT_LIMIT, number_header(LIMIT_SLOT, limit));
         h.insert(names::X_RATELIMIT_REMAINING, HeaderValue::from(remaining));
-        h.insert(names::X_RATELIMIT_RESET, HeaderValue::from(reset_secs));
+        h.insert(
+            names::X_RATELIMIT_RESET,
+            number_header(RESET_SLOT, reset_secs),
+        );
     }
     if let (Some(origin), Some(id)) = (&ctx.cors_origin, &ctx.identity) {
         // Only after auth passed, which checked the origin against the key.
@@ -367,6 +370,38 @@ fn forwarded_for(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> HeaderValue {
     peer_header(peer)
 }
 
+/// [`number_header`]'s slot for `X-RateLimit-Limit` (the same for every
+/// request of a key), and for `X-RateLimit-Reset` (the same within a second).
+const LIMIT_SLOT: usize = 0;
+const RESET_SLOT: usize = 1;
+
+thread_local! {
+    /// The last number written as a header value, per slot.
+    static LAST_NUMBERS: std::cell::RefCell<[Option<(u64, HeaderValue)>; 2]> =
+        const { std::cell::RefCell::new([None, None]) };
+}
+
+/// A number as a header value, through this thread's one-entry memo for
+/// `slot`: a value repeated from the last request costs no allocation.
+fn number_header(slot: usize, n: u64) -> HeaderValue {
+    LAST_NUMBERS.with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return HeaderValue::from(n);
+        };
+        let Some(entry) = last.get_mut(slot) else {
+            return HeaderValue::from(n);
+        };
+        match entry {
+            Some((m, v)) if *m == n => v.clone(),
+            _ => {
+                let v = HeaderValue::from(n);
+                *entry = Some((n, v.clone()));
+                v
+            }
+        }
+    })
+}
+
 thread_local! {
     /// The last peer address written as a header on this thread: a client
     /// sends many requests in a row (keep-alive), so writing it once saves
@@ -422,7 +457,23 @@ fn ip_header(ip: IpAddr) -> HeaderValue {
 
 #[cfg(test)]
 mod tests {
-    use super::{ip_header, peer_header};
+    use super::{LIMIT_SLOT, RESET_SLOT, ip_header, number_header, peer_header};
+
+    #[test]
+    fn the_number_memo_answers_for_the_number_asked() {
+        for (slot, n) in [
+            (LIMIT_SLOT, 10),
+            (LIMIT_SLOT, 10),
+            (RESET_SLOT, 10),
+            (LIMIT_SLOT, 7),
+        ] {
+            assert_eq!(number_header(slot, n), n.to_string().as_str());
+        }
+        assert_eq!(
+            number_header(RESET_SLOT, u64::MAX),
+            u64::MAX.to_string().as_str()
+        );
+    }
 
     #[test]
     fn the_peer_memo_answers_for_the_peer_asked() {

@@ -5,7 +5,8 @@
 //! Redis pub/sub, SQLite `data_version`), with the TTL as a backstop.
 
 use crate::config::Cache as CacheSettings;
-use crate::keys::{Digest, KeyRecord, SharedStore, StoreError};
+use crate::context::AuthedKey;
+use crate::keys::{Digest, SharedStore, StoreError};
 use crate::time::Timestamp;
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
@@ -19,7 +20,7 @@ use tokio::sync::OnceCell;
 enum Entry {
     Found {
         digest: Digest,
-        record: Arc<KeyRecord>,
+        record: Arc<AuthedKey>,
         at: Instant,
     },
     Missing {
@@ -27,7 +28,7 @@ enum Entry {
     },
 }
 
-type Lookup = Result<Option<Arc<KeyRecord>>, Arc<StoreError>>;
+type Lookup = Result<Option<Arc<AuthedKey>>, Arc<StoreError>>;
 
 /// Counters read by `/metrics`.
 #[derive(Debug, Default)]
@@ -85,7 +86,7 @@ impl KeyCache {
         &self,
         digest: &Digest,
         s: &CacheSettings,
-    ) -> Result<Option<Arc<KeyRecord>>, Arc<StoreError>> {
+    ) -> Result<Option<Arc<AuthedKey>>, Arc<StoreError>> {
         let now = Instant::now();
         let mut stale = None;
         if let Some(e) = self.entries.get(digest) {
@@ -130,7 +131,7 @@ impl KeyCache {
                     .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
                 match r {
                     Ok(rec) => {
-                        let rec = rec.map(Arc::new);
+                        let rec = rec.map(|r| Arc::new(AuthedKey::new(r)));
                         if self.generation.load(Ordering::Acquire) == generation {
                             let entry = match &rec {
                                 Some(r) => Entry::Found {

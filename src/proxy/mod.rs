@@ -246,8 +246,8 @@ fn rewrite(
     // every value the client sent under the name).
     if let Some(id) = ctx.identity.as_ref() {
         let values = [
-            HeaderValue::from_str(&id.key.id).ok(),
-            HeaderValue::from_str(&id.key.workspace).ok(),
+            id.key.key_id_header.clone(),
+            id.key.workspace_header.clone(),
             Some(HeaderValue::from_static(id.key.environment.as_str())),
         ];
         for (name, value) in IDENTITY_HEADERS.into_iter().zip(values) {
