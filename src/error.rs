@@ -5,6 +5,7 @@
 use crate::context::{ResponseBody, full_body};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
+use std::borrow::Cow;
 
 /// Where an error came from: decides 4xx vs 5xx and the log level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,47 +25,47 @@ pub enum GatewayError {
     #[error("{0}")]
     BadRequest(&'static str),
     /// A credential was sent in the query string.
-    #[error("API keys must not be sent in the query string; use the Authorization header")]
+    #[error("{}", self.fixed_text())]
     KeyInQuery,
     /// No credential on a keyed route.
-    #[error("an API key is required: send Authorization: Bearer <key>")]
+    #[error("{}", self.fixed_text())]
     MissingApiKey,
     /// Unknown, malformed or revoked key.
-    #[error("the API key is invalid")]
+    #[error("{}", self.fixed_text())]
     InvalidApiKey,
     /// The key exists but is disabled.
-    #[error("the API key is disabled")]
+    #[error("{}", self.fixed_text())]
     KeyInactive,
     /// The key is past its `expires_at`.
-    #[error("the API key has expired")]
+    #[error("{}", self.fixed_text())]
     KeyExpired,
     /// The key lacks a permission the route needs, or the route is outside
     /// the key's `allowed_routes`. The text is shown to the client.
     #[error("{0}")]
     Forbidden(String),
     /// The key's kind (e.g. public) may not call this route.
-    #[error("this kind of API key may not call this route")]
+    #[error("{}", self.fixed_text())]
     KeyKindNotAllowed,
     /// The client address is outside the key's `allowed_ips`.
-    #[error("requests from this address are not allowed for this API key")]
+    #[error("{}", self.fixed_text())]
     IpNotAllowed,
     /// `Origin`/`Referer` is outside the key's `allowed_origins`.
-    #[error("requests from this origin are not allowed for this API key")]
+    #[error("{}", self.fixed_text())]
     OriginNotAllowed,
     /// No route matches the path.
-    #[error("no route matches this path")]
+    #[error("{}", self.fixed_text())]
     NotFound,
     /// A route matches the path but not the method.
-    #[error("method not allowed on this path")]
+    #[error("{}", self.fixed_text())]
     MethodNotAllowed {
         /// The `Allow` header value listing the route's methods.
         allow: HeaderValue,
     },
     /// The request body is larger than the route allows.
-    #[error("the request body is too large")]
+    #[error("{}", self.fixed_text())]
     PayloadTooLarge,
     /// The request headers are larger than allowed.
-    #[error("the request headers are too large")]
+    #[error("{}", self.fixed_text())]
     HeadersTooLarge,
     /// A rate limit refused the request.
     #[error("rate limit exceeded; retry after {retry_after} s")]
@@ -76,13 +77,13 @@ pub enum GatewayError {
     #[error("upstream unavailable: {0}")]
     UpstreamUnavailable(String),
     /// The upstream did not answer within the route's request timeout.
-    #[error("upstream timed out")]
+    #[error("{}", self.fixed_text())]
     UpstreamTimeout,
     /// The key store is down and the key is not in the local cache.
-    #[error("authentication is temporarily unavailable")]
+    #[error("{}", self.fixed_text())]
     AuthUnavailable,
     /// The gateway sheds load (too many requests in flight).
-    #[error("the gateway is overloaded")]
+    #[error("{}", self.fixed_text())]
     Overloaded,
     /// A bug or an unexpected internal failure. The text is logged, never sent.
     #[error("internal error: {0}")]
@@ -163,11 +164,13 @@ impl GatewayError {
     }
 
     /// The message shown to the client: internal detail never leaves the gateway.
-    pub fn public_message(&self) -> String {
+    pub fn public_message(&self) -> Cow<'static, str> {
         match self {
             GatewayError::UpstreamUnavailable(_) => "the upstream service is unavailable".into(),
             GatewayError::Internal(_) => "internal error".into(),
-            other => other.to_string(),
+            GatewayError::Forbidden(s) => Cow::Owned(s.clone()),
+            GatewayError::RateLimited { .. } => Cow::Owned(self.to_string()),
+            other => Cow::Borrowed(other.fixed_text()),
         }
     }
 
@@ -175,6 +178,34 @@ impl GatewayError {
     /// what follows on the connection cannot be trusted).
     pub fn closes_connection(&self) -> bool {
         matches!(self, GatewayError::BadRequest(_))
+    }
+
+    /// The client-facing text of the variants whose text is fixed (their
+    /// `Display`), borrowed: an answer to a refusal allocates no message.
+    /// Empty for the variants that carry their own text.
+    fn fixed_text(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            KeyInQuery => {
+                "API keys must not be sent in the query string; use the Authorization header"
+            }
+            MissingApiKey => "an API key is required: send Authorization: Bearer <key>",
+            InvalidApiKey => "the API key is invalid",
+            KeyInactive => "the API key is disabled",
+            KeyExpired => "the API key has expired",
+            KeyKindNotAllowed => "this kind of API key may not call this route",
+            IpNotAllowed => "requests from this address are not allowed for this API key",
+            OriginNotAllowed => "requests from this origin are not allowed for this API key",
+            NotFound => "no route matches this path",
+            MethodNotAllowed { .. } => "method not allowed on this path",
+            PayloadTooLarge => "the request body is too large",
+            HeadersTooLarge => "the request headers are too large",
+            UpstreamTimeout => "upstream timed out",
+            AuthUnavailable => "authentication is temporarily unavailable",
+            Overloaded => "the gateway is overloaded",
+            BadRequest(s) => s,
+            _ => "",
+        }
     }
 
     /// The JSON error response of DESIGN.md for this error.
@@ -240,6 +271,39 @@ fn push_json_string(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_texts_are_the_display_and_are_sent_borrowed() {
+        use GatewayError::*;
+        let allow = HeaderValue::from_static("GET");
+        for e in [
+            KeyInQuery,
+            MissingApiKey,
+            InvalidApiKey,
+            KeyInactive,
+            KeyExpired,
+            KeyKindNotAllowed,
+            IpNotAllowed,
+            OriginNotAllowed,
+            NotFound,
+            MethodNotAllowed { allow },
+            PayloadTooLarge,
+            HeadersTooLarge,
+            UpstreamTimeout,
+            AuthUnavailable,
+            Overloaded,
+            BadRequest("bad framing"),
+        ] {
+            assert!(!e.fixed_text().is_empty(), "{e:?}");
+            assert_eq!(e.to_string(), e.fixed_text());
+            assert!(matches!(e.public_message(), Cow::Borrowed(m) if m == e.fixed_text()));
+        }
+        assert_eq!(
+            RateLimited { retry_after: 3 }.public_message(),
+            "rate limit exceeded; retry after 3 s"
+        );
+        assert_eq!(Forbidden("lacks x".into()).public_message(), "lacks x");
+    }
 
     #[test]
     fn the_body_is_valid_json_with_escaping() {
