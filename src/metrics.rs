@@ -81,6 +81,18 @@ type Handles<K, M> = RefCell<HashMap<(u64, K), (M, Pin), RandomState>>;
 /// What a cached handle holds on to so that its key stays unique.
 type Pin = Option<Arc<str>>;
 
+/// A finished request's handles, by registry, route name address, method,
+/// status and upstream name address (0 for none).
+type FinishedKey = (u64, usize, &'static str, u16, usize);
+
+/// The metrics one finished request counts in (clones sharing the families'
+/// values, as in [`Handles`]).
+struct Finished {
+    requests: Counter,
+    latency: Histogram,
+    upstream: Option<Histogram>,
+}
+
 /// Handles one thread caches per family before it starts over.
 const MAX_HANDLES: usize = 4096;
 
@@ -96,9 +108,8 @@ thread_local! {
     // counting through it counts in the family that `/metrics` renders.
     // Keys are addresses and small numbers: hashing them costs less than
     // hashing names, and no label is built unless the handle is new.
-    static REQUESTS: Handles<(usize, &'static str, u16), Counter> = RefCell::default();
-    static LATENCY: Handles<usize, Histogram> = RefCell::default();
-    static UPSTREAM_LATENCY: Handles<usize, Histogram> = RefCell::default();
+    static FINISHED: RefCell<HashMap<FinishedKey, (Finished, [Pin; 2]), RandomState>> =
+        RefCell::default();
     static AUTH_REFUSALS: Handles<&'static str, Counter> = RefCell::default();
 }
 
@@ -293,62 +304,71 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Counts a finished request.
+    /// Counts a finished request: by route, method and status; its latency
+    /// by route; and, when it reached an upstream, the upstream's latency
+    /// until response headers. One handle lookup for all three.
     pub fn observe_request(
         &self,
         route: &Arc<str>,
         method: &http::Method,
         status: u16,
         seconds: f64,
+        upstream: Option<(&Arc<str>, f64)>,
     ) {
         let method = method_label(method);
-        with_handle(
-            &REQUESTS,
-            self.id,
-            &self.requests,
-            (addr(route), method, status),
-            || {
-                let labels = RequestLabels {
+        let record = |f: &Finished| {
+            f.requests.inc();
+            f.latency.observe(seconds);
+            if let (Some(h), Some((_, s))) = (&f.upstream, upstream) {
+                h.observe(s);
+            }
+        };
+        let make = || Finished {
+            requests: self
+                .requests
+                .get_or_create(&RequestLabels {
                     route: route.clone(),
                     method,
                     status,
-                };
-                (labels, Some(route.clone()))
-            },
-            |c| {
-                c.inc();
-            },
+                })
+                .clone(),
+            latency: self
+                .latency
+                .get_or_create(&RouteLabel {
+                    route: route.clone(),
+                })
+                .clone(),
+            upstream: upstream.map(|(u, _)| {
+                self.upstream_latency
+                    .get_or_create(&UpstreamLabel {
+                        upstream: u.clone(),
+                    })
+                    .clone()
+            }),
+        };
+        let key = (
+            self.id,
+            addr(route),
+            method,
+            status,
+            upstream.map_or(0, |(u, _)| addr(u)),
         );
-        let label = |route| RouteLabel { route };
-        self.observe_named(&LATENCY, &self.latency, route, label, seconds);
-    }
-
-    /// Records how long an upstream took to answer with headers.
-    pub fn observe_upstream(&self, upstream: &Arc<str>, seconds: f64) {
-        let label = |upstream| UpstreamLabel { upstream };
-        self.observe_named(
-            &UPSTREAM_LATENCY,
-            &self.upstream_latency,
-            upstream,
-            label,
-            seconds,
-        );
-    }
-
-    /// Observes `seconds` in the histogram of `family` labelled by one name.
-    fn observe_named<L>(
-        &self,
-        cache: &'static LocalKey<Handles<usize, Histogram>>,
-        family: &Family<L, Histogram, fn() -> Histogram>,
-        name: &Arc<str>,
-        label: impl FnOnce(Arc<str>) -> L,
-        seconds: f64,
-    ) where
-        L: Clone + Hash + Eq + Send + Sync + 'static,
-    {
-        let labels = || (label(name.clone()), Some(name.clone()));
-        with_handle(cache, self.id, family, addr(name), labels, |h| {
-            h.observe(seconds)
+        FINISHED.with(|c| {
+            let Ok(mut c) = c.try_borrow_mut() else {
+                // Not reached (`record` never re-enters); count without the cache.
+                return record(&make());
+            };
+            if let Some((f, _)) = c.get(&key) {
+                return record(f);
+            }
+            let f = make();
+            record(&f);
+            if c.len() >= MAX_HANDLES {
+                // As in `with_handle`: reloads bring new name `Arc`s.
+                c.clear();
+            }
+            let pins = [Some(route.clone()), upstream.map(|(u, _)| u.clone())];
+            c.insert(key, (f, pins));
         });
     }
 

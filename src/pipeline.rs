@@ -296,11 +296,13 @@ fn log_and_count(resp: &Response<ResponseBody>, ctx: &RequestCtx, app: &App) {
     let status = resp.status().as_u16();
     let elapsed = ctx.start.elapsed();
     let route = ctx.route.as_ref().unwrap_or(&NO_ROUTE);
+    let upstream = ctx
+        .upstream
+        .as_ref()
+        .zip(ctx.upstream_latency)
+        .map(|(u, t)| (u, t.as_secs_f64()));
     app.metrics
-        .observe_request(route, &ctx.method, status, elapsed.as_secs_f64());
-    if let (Some(u), Some(t)) = (&ctx.upstream, ctx.upstream_latency) {
-        app.metrics.observe_upstream(u, t.as_secs_f64());
-    }
+        .observe_request(route, &ctx.method, status, elapsed.as_secs_f64(), upstream);
     let key = ctx.identity.as_ref().map(|i| &*i.key);
     // The path is the canonical path without the query: a query-string
     // credential never reaches the log.
