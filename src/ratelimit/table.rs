@@ -12,7 +12,7 @@ use crate::config::{Limit, Scope};
 use foldhash::fast::RandomState;
 use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Number of shards (one bit each in a `u64` mask).
@@ -54,19 +54,57 @@ pub trait KeyView {
     fn a(&self) -> &str;
     /// Second part of the subject (the route, or empty).
     fn b(&self) -> &str;
+    /// [`key_hash`] of the three, computed once when the key was made.
+    fn hash_value(&self) -> u64;
+}
+
+/// Seeds the hash of every entry key in the process: one random seed, so
+/// that a key's hash (made once per request and limit) picks both its shard
+/// and its place in the shard's map.
+static KEY_HASHER: std::sync::LazyLock<RandomState> =
+    std::sync::LazyLock::new(RandomState::default);
+
+/// The hash of an entry key.
+fn key_hash(id: LimitId, a: &str, b: &str) -> u64 {
+    let mut h = KEY_HASHER.build_hasher();
+    id.hash(&mut h);
+    a.hash(&mut h);
+    b.hash(&mut h);
+    h.finish()
 }
 
 impl Hash for dyn KeyView + '_ {
     fn hash<H: Hasher>(&self, h: &mut H) {
-        self.id().hash(h);
-        self.a().hash(h);
-        self.b().hash(h);
+        h.write_u64(self.hash_value());
     }
 }
 
 impl PartialEq for dyn KeyView + '_ {
     fn eq(&self, o: &Self) -> bool {
-        self.id() == o.id() && self.a() == o.a() && self.b() == o.b()
+        self.hash_value() == o.hash_value()
+            && self.id() == o.id()
+            && self.a() == o.a()
+            && self.b() == o.b()
+    }
+}
+
+/// The hasher of the shards' maps: keys arrive hashed ([`KeyView::hash_value`]),
+/// so it passes that hash through instead of hashing the key again.
+#[derive(Default)]
+pub struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached (keys write one u64); hashes whatever comes anyway.
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -81,6 +119,7 @@ pub struct EntryKey {
     pub a: Arc<str>,
     /// Second part of the subject.
     pub b: Arc<str>,
+    hash: u64,
 }
 
 impl KeyView for EntryKey {
@@ -92,6 +131,9 @@ impl KeyView for EntryKey {
     }
     fn b(&self) -> &str {
         &self.b
+    }
+    fn hash_value(&self) -> u64 {
+        self.hash
     }
 }
 
@@ -124,6 +166,7 @@ pub struct KeyRef<'r> {
     pub a: &'r str,
     /// Second part of the subject.
     pub b: &'r str,
+    hash: u64,
 }
 
 impl<'r> KeyRef<'r> {
@@ -134,7 +177,12 @@ impl<'r> KeyRef<'r> {
             Scope::Workspace => (workspace, ""),
             Scope::Route => (key_id, route),
         };
-        KeyRef { id, a, b }
+        KeyRef {
+            id,
+            a,
+            b,
+            hash: key_hash(id, a, b),
+        }
     }
 
     /// An owned copy.
@@ -143,6 +191,7 @@ impl<'r> KeyRef<'r> {
             id: self.id,
             a: Arc::from(self.a),
             b: Arc::from(self.b),
+            hash: self.hash,
         }
     }
 }
@@ -156,6 +205,9 @@ impl KeyView for KeyRef<'_> {
     }
     fn b(&self) -> &str {
         self.b
+    }
+    fn hash_value(&self) -> u64 {
+        self.hash
     }
 }
 
@@ -200,9 +252,10 @@ impl Entry {
 #[derive(Debug, Default)]
 pub struct Shard {
     /// The entries.
-    /// foldhash, seeded per table: two hashes per limit per request, and
-    /// SipHash cost more than the rest of the lookup.
-    pub map: HashMap<EntryKey, Entry, RandomState>,
+    /// Keyed by their hash, made once per key ([`PassThrough`]): a decision
+    /// looks each limit up twice, and hashing the key cost more than the
+    /// rest of the lookup.
+    pub map: HashMap<EntryKey, Entry, BuildHasherDefault<PassThrough>>,
     /// Hybrid: keys whose `pending` became non-zero since the last flush.
     pub dirty: Vec<EntryKey>,
     next_sweep_ms: u64,
@@ -242,14 +295,12 @@ impl Shard {
 #[derive(Debug)]
 pub struct Table {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
 }
 
 impl Default for Table {
     fn default() -> Self {
         Table {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: RandomState::default(),
         }
     }
 }
@@ -257,7 +308,9 @@ impl Default for Table {
 impl Table {
     /// The shard `k` lives in.
     pub fn shard_of(&self, k: &dyn KeyView) -> usize {
-        (self.hasher.hash_one(k) % SHARDS as u64) as usize
+        // Middle bits: the shard's map places keys by the low bits and tags
+        // them with the top ones, which must vary within a shard.
+        ((k.hash_value() >> 32) % SHARDS as u64) as usize
     }
 
     fn lock_one(&self, i: usize) -> MutexGuard<'_, Shard> {
@@ -268,18 +321,18 @@ impl Table {
 
     /// Locks the shards whose bits are set in `mask`, in ascending order.
     pub fn lock(&self, mask: u64) -> Locked<'_> {
-        let mut guards: [Option<MutexGuard<'_, Shard>>; SHARDS] = std::array::from_fn(|_| None);
+        let mut locked = Locked {
+            table: self,
+            guards: Default::default(),
+            more: Vec::new(),
+        };
         let mut m = mask;
         while m != 0 {
             let i = m.trailing_zeros() as usize;
-            guards[i] = Some(self.lock_one(i));
+            locked.push(i, self.lock_one(i));
             m &= m - 1;
         }
-        Locked {
-            table: self,
-            guards,
-            mask,
-        }
+        locked
     }
 
     /// Locks one shard.
@@ -288,31 +341,54 @@ impl Table {
     }
 }
 
+/// Shards a decision usually locks at most (one per limit): kept inline.
+const INLINE_GUARDS: usize = 4;
+
 /// A set of locked shards.
 pub struct Locked<'t> {
     table: &'t Table,
-    guards: [Option<MutexGuard<'t, Shard>>; SHARDS],
-    mask: u64,
+    // A request has a limit or two: a few slots, not one per shard (which
+    // cost a 1 KiB array to fill and drop per decision).
+    guards: [Option<(usize, MutexGuard<'t, Shard>)>; INLINE_GUARDS],
+    more: Vec<(usize, MutexGuard<'t, Shard>)>,
 }
 
-impl Locked<'_> {
+impl<'t> Locked<'t> {
+    fn push(&mut self, i: usize, g: MutexGuard<'t, Shard>) {
+        match self.guards.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => *slot = Some((i, g)),
+            None => self.more.push((i, g)),
+        }
+    }
+
     /// Shard `i`, which must be in the mask the set was locked with
     /// (otherwise it is locked now, out of order, rather than panicking).
     pub fn shard(&mut self, i: usize) -> &mut Shard {
         let i = i % SHARDS;
-        let table = self.table;
-        self.guards[i].get_or_insert_with(|| table.lock_one(i))
+        let inline = self
+            .guards
+            .iter()
+            .position(|s| matches!(s, Some((j, _)) if *j == i));
+        if let Some(p) = inline
+            && let Some((_, g)) = &mut self.guards[p]
+        {
+            return g;
+        }
+        let p = match self.more.iter().position(|(j, _)| *j == i) {
+            Some(p) => p,
+            None => {
+                let g = self.table.lock_one(i);
+                self.more.push((i, g));
+                self.more.len() - 1
+            }
+        };
+        &mut self.more[p].1
     }
 
     /// Gives every locked shard a chance to sweep.
     pub fn sweep(&mut self, now_ms: u64, mono_ms: u64) {
-        let mut m = self.mask;
-        while m != 0 {
-            let i = m.trailing_zeros() as usize;
-            if let Some(g) = self.guards[i].as_mut() {
-                g.maybe_sweep(now_ms, mono_ms);
-            }
-            m &= m - 1;
+        for (_, g) in self.guards.iter_mut().flatten().chain(self.more.iter_mut()) {
+            g.maybe_sweep(now_ms, mono_ms);
         }
     }
 }
@@ -392,5 +468,24 @@ mod tests {
         let mut l = t.lock(0b101);
         l.shard(0);
         l.shard(2);
+    }
+
+    #[test]
+    fn each_locked_shard_is_its_own_and_stays_locked_while_held() {
+        let t = Table::default();
+        let k = KeyRef::new(id(Scope::Key, 5, 1), "key_1", "ws", "");
+        let mut l = t.lock(0b1011_0111); // more shards than kept inline
+        for i in [0, 1, 2, 4, 5, 7] {
+            l.shard(i).update(&k, |e| e.refused_until = i as u64);
+        }
+        // One not in the mask: locked now, out of order.
+        l.shard(9).update(&k, |e| e.refused_until = 9);
+        for i in [0, 1, 2, 4, 5, 7, 9] {
+            assert_eq!(l.shard(i).get(&k).map(|e| e.refused_until), Some(i as u64));
+            assert!(t.shards[i].try_lock().is_err(), "shard {i} is held");
+        }
+        assert!(t.shards[3].try_lock().is_ok());
+        drop(l);
+        assert!((0..SHARDS).all(|i| t.shards[i].try_lock().is_ok()));
     }
 }
