@@ -80,7 +80,7 @@ async fn inner(
         return Ok(resp);
     }
 
-    let route = cfg.router.at(req.method(), &ctx.path)?.clone();
+    let route: &Route = cfg.router.at(req.method(), &ctx.path)?;
     ctx.route = Some(route.name.clone());
     let client_ip = client_ip(req.headers(), ctx.conn, cfg);
 
@@ -89,14 +89,14 @@ async fn inner(
             headers: req.headers(),
             seen: ctx.seen,
             client_ip,
-            route: &route,
+            route,
         };
         let identity = auth::authenticate(&input, cfg, &app.keys).await?;
         if route.allows_public() {
             ctx.cors_origin = req.headers().get(header::ORIGIN).cloned();
         }
         ctx.identity = Some(identity);
-        rate_limit(ctx, &route, cfg, app).await?;
+        rate_limit(ctx, route, cfg, app).await?;
     }
 
     if ctx.seen.any(Seen::CONTENT_LENGTH)
@@ -120,7 +120,7 @@ async fn inner(
         xff,
         strip_credentials,
     };
-    crate::proxy::forward(pool, &route, req, fwd, ctx).await
+    crate::proxy::forward(pool, route, req, fwd, ctx).await
 }
 
 async fn rate_limit(
