@@ -16,6 +16,25 @@ static GLOBAL: Mimalloc = Mimalloc;
 /// (`MI_MAX_ALIGN_SIZE`; smaller blocks are word-aligned).
 const MI_MAX_ALIGN: usize = 16;
 
+/// `plain(size)` where mimalloc's blocks are aligned enough already (align
+/// <= 16 and <= size), else `aligned(size, align)`.
+#[allow(unsafe_code)]
+#[inline]
+unsafe fn allocate(
+    layout: std::alloc::Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut std::ffi::c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut std::ffi::c_void,
+) -> *mut u8 {
+    // SAFETY: C calls with a size and a power-of-two alignment.
+    unsafe {
+        if layout.align() <= MI_MAX_ALIGN && layout.align() <= layout.size() {
+            plain(layout.size()).cast()
+        } else {
+            aligned(layout.size(), layout.align()).cast()
+        }
+    }
+}
+
 /// mimalloc, asked for an alignment only when a layout needs more than its
 /// blocks have anyway: the `mimalloc` crate's allocator calls
 /// `mi_malloc_aligned` for everything, and v3 sends every size that is not
@@ -31,27 +50,25 @@ struct Mimalloc;
 unsafe impl std::alloc::GlobalAlloc for Mimalloc {
     #[inline]
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use libmimalloc_sys as mi;
-        // SAFETY: C calls with a size and a power-of-two alignment.
+        // SAFETY: the two allocation functions, told apart as `alloc` must.
         unsafe {
-            if layout.align() <= MI_MAX_ALIGN && layout.align() <= layout.size() {
-                mi::mi_malloc(layout.size()).cast()
-            } else {
-                mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
-            }
+            allocate(
+                layout,
+                libmimalloc_sys::mi_malloc,
+                libmimalloc_sys::mi_malloc_aligned,
+            )
         }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use libmimalloc_sys as mi;
-        // SAFETY: as in `alloc`.
+        // SAFETY: as in `alloc`, zeroing.
         unsafe {
-            if layout.align() <= MI_MAX_ALIGN && layout.align() <= layout.size() {
-                mi::mi_zalloc(layout.size()).cast()
-            } else {
-                mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
-            }
+            allocate(
+                layout,
+                libmimalloc_sys::mi_zalloc,
+                libmimalloc_sys::mi_zalloc_aligned,
+            )
         }
     }
 
