@@ -105,6 +105,9 @@ pub struct AuthedKey {
     pub key_id_header: Option<http::HeaderValue>,
     /// `X-Workspace-Id` (likewise).
     pub workspace_header: Option<http::HeaderValue>,
+    /// When (Unix seconds) a request by this key was last noted for its
+    /// `last_used_at` (see `KeyCache::note_used`).
+    pub noted_at: std::sync::atomic::AtomicI64,
 }
 
 impl AuthedKey {
@@ -113,6 +116,7 @@ impl AuthedKey {
         AuthedKey {
             key_id_header: http::HeaderValue::from_str(&record.id).ok(),
             workspace_header: http::HeaderValue::from_str(&record.workspace).ok(),
+            noted_at: std::sync::atomic::AtomicI64::new(0),
             record,
         }
     }

@@ -181,14 +181,19 @@ impl KeyCache {
     }
 
     /// Notes that a key authenticated a request; written to the store in
-    /// batches by [`KeyCache::flush_last_used`], never per request.
-    pub fn note_used(&self, id: &str) {
+    /// batches by [`KeyCache::flush_last_used`], never per request. At most
+    /// once per key and second (`last_used_at` has whole seconds): the
+    /// other requests of that second only read the key's own clock.
+    pub fn note_used(&self, key: &AuthedKey) {
         let now = Timestamp::now().0;
-        if let Some(mut v) = self.used.get_mut(id) {
+        if key.noted_at.swap(now, Ordering::Relaxed) == now {
+            return;
+        }
+        if let Some(mut v) = self.used.get_mut(&key.id) {
             *v = now;
             return;
         }
-        self.used.insert(id.to_string(), now);
+        self.used.insert(key.id.clone(), now);
     }
 
     /// Writes the `last_used_at` of keys used since the last call: at most one

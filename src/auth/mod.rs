@@ -110,7 +110,7 @@ pub async fn authenticate(
         .map_err(|_| GatewayError::AuthUnavailable)?
         .ok_or(GatewayError::InvalidApiKey)?;
     authorize(&record, input, &parsed.rule.kind)?;
-    keys.note_used(&record.id);
+    keys.note_used(&record);
     Ok(Identity { key: record })
 }
 
