@@ -3,23 +3,40 @@
 
 use http::{HeaderMap, HeaderName, header};
 
-/// Whether a header is hop-by-hop and never crosses the gateway (RFC 9110
-/// §7.6.1, plus the proxy credentials meant for us); `Upgrade` only when
-/// `with_upgrade`. `Trailer` is end-to-end: hyper only sends the trailers
-/// it names, so it must pass. By name length first: this runs for every
-/// header of every request and response.
-fn is_hop_by_hop(n: &HeaderName, with_upgrade: bool) -> bool {
+/// The hop-by-hop headers, which never cross the gateway (RFC 9110 §7.6.1,
+/// plus the proxy credentials meant for us). `Trailer` is end-to-end: hyper
+/// only sends the trailers it names, so it must pass.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::TE,
+    header::UPGRADE,
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+/// Their places in [`HOP_BY_HOP`] that the removal reads values of.
+const TE: usize = 0;
+const UPGRADE: usize = 1;
+const CONNECTION: usize = 2;
+
+/// Which hop-by-hop header `n` is (its place in [`HOP_BY_HOP`]). By name
+/// length first: this runs for every header of every request and response.
+fn hop_by_hop(n: &HeaderName) -> Option<usize> {
     let s = n.as_str();
-    match s.len() {
-        2 => s == "te",
-        7 => with_upgrade && s == "upgrade",
-        10 => s == "connection" || s == "keep-alive",
-        16 => s == "proxy-connection",
-        17 => s == "transfer-encoding",
-        18 => s == "proxy-authenticate",
-        19 => s == "proxy-authorization",
-        _ => false,
-    }
+    let i = match s.len() {
+        2 if s == "te" => TE,
+        7 if s == "upgrade" => UPGRADE,
+        10 if s == "connection" => CONNECTION,
+        10 if s == "keep-alive" => 3,
+        16 if s == "proxy-connection" => 4,
+        17 if s == "transfer-encoding" => 5,
+        18 if s == "proxy-authenticate" => 6,
+        19 if s == "proxy-authorization" => 7,
+        _ => return None,
+    };
+    Some(i)
 }
 
 /// Removes hop-by-hop headers, and every header named in `Connection`.
@@ -29,32 +46,30 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
     // One pass over the headers present (a handful), reading the values of
     // `TE` and `Connection` on the way, instead of a hash lookup per name;
     // most requests carry none, most answers only `Connection: keep-alive`.
-    // At most eight distinct names match, so they fit on the stack.
-    let mut found: [Option<HeaderName>; 8] = Default::default();
-    let mut count = 0;
+    let mut found = 0u8;
     let (mut wants_trailers, mut names_more) = (false, false);
     for (name, value) in h.iter() {
-        if !is_hop_by_hop(name, !keep_upgrade) {
-            continue;
+        let Some(i) = hop_by_hop(name) else { continue };
+        match i {
+            UPGRADE if keep_upgrade => continue,
+            TE => {
+                wants_trailers |= value.to_str().is_ok_and(|s| {
+                    s.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+                });
+            }
+            CONNECTION => {
+                // `keep-alive` and `close` name nothing beyond the
+                // hop-by-hop headers removed below.
+                let v = value.as_bytes();
+                names_more |=
+                    !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"));
+            }
+            _ => {}
         }
-        if name == header::TE {
-            wants_trailers |= value.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            });
-        } else if name == header::CONNECTION {
-            // `keep-alive` and `close` name nothing beyond the hop-by-hop
-            // headers removed below.
-            let v = value.as_bytes();
-            names_more |=
-                !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"));
-        }
-        if count < found.len() && !found[..count].iter().flatten().any(|n| n == name) {
-            found[count] = Some(name.clone());
-            count += 1;
-        }
+        found |= 1 << i;
     }
-    if count == 0 {
+    if found == 0 {
         return false;
     }
     if names_more {
@@ -74,8 +89,10 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
             h.remove(&n);
         }
     }
-    for n in found[..count].iter().flatten() {
-        h.remove(n);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if found & (1 << i) != 0 {
+            h.remove(name);
+        }
     }
     wants_trailers
 }
