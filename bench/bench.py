@@ -6,10 +6,12 @@ Throughput: wrk -t1 -c32 against an nginx front (proxy_pass, upstream keepalive
 64, one worker) and portcullis (plain route, keyed route, invalid keys; with
 its default of one worker per CPU, and again with one worker, like for like
 with the nginx front), all in front of the same nginx upstream that answers
-200 "ok". Rounds alternate between the
+200 "ok". A second nginx front with one worker per CPU (`reuseport`) gives
+the default-against-default ratios. Rounds alternate between the
 targets; the table shows medians. CPU µs per request comes from utime+stime in
 /proc/PID/stat of the nginx front's worker and of the portcullis process, so
-the upstream's and wrk's CPU are not counted for either.
+the upstream's and wrk's CPU are not counted for either (all of a front's
+workers are counted when it has several).
 
 The floor (--floor, built by run.sh): examples/hyper_floor.rs, a bare reverse
 proxy on the gateway's parts and in its shape (one current-thread worker,
@@ -98,10 +100,10 @@ def children(pid):
 
 # --- processes -----------------------------------------------------------------
 
-def nginx(tmp, name, server_body, upstream_block="", main="", wrap=()):
+def nginx(tmp, name, server_body, upstream_block="", main="", wrap=(), workers=1):
     d = os.path.join(tmp, name)
     os.makedirs(d, exist_ok=True)
-    conf = f"""worker_processes 1; daemon off; {main} pid {d}/pid; error_log {d}/err warn;
+    conf = f"""worker_processes {workers}; daemon off; {main} pid {d}/pid; error_log {d}/err warn;
 events {{ worker_connections 30000; }}
 http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; {upstream_block}
@@ -522,6 +524,21 @@ def run(args, tmp, conns):
     if len(workers) != 1:
         die(f"expected one nginx front worker, found {workers}")
     nx_worker = workers[0]
+    # Default against default: nginx with one worker per CPU (its packaged
+    # `worker_processes auto`, with `reuseport` as portcullis' workers have),
+    # against portcullis' default of one worker per CPU.
+    cpus = os.cpu_count() or 1
+    nxa_port = free_port()
+    nxa = nginx(tmp, "front-auto",
+                f"listen 127.0.0.1:{nxa_port} reuseport; location / {{ proxy_pass http://up; "
+                f"proxy_http_version 1.1; proxy_set_header Connection \"\"; }}",
+                f"upstream up {{ server 127.0.0.1:{up_port}; keepalive 64; }}", workers=cpus)
+    if not wait_port(nxa_port, nxa):
+        die(f"nginx (one worker per CPU) did not start; see {tmp}/front-auto/err (run with --keep)")
+    time.sleep(0.2)
+    nxa_workers = children(nxa.pid)
+    if len(nxa_workers) != cpus:
+        die(f"expected {cpus} nginx workers, found {nxa_workers}")
 
     cfg = gateway_config(tmp, "gateway", gw_port, admin_port, up_port, f"sqlite://{tmp}/bench.db", "local")
     key, prefix = create_key(args.bin, cfg)
@@ -559,6 +576,7 @@ def run(args, tmp, conns):
     gw1 = f"http://127.0.0.1:{g1_port}"
     targets = [
         ("nginx proxy_pass", nginx_url, nx_worker, []),
+        (f"nginx, {cpus} workers", f"http://127.0.0.1:{nxa_port}/", nxa_workers, []),
         ("portcullis plain", f"{gw}/plain", g.pid, []),
         ("portcullis keyed", f"{gw}/keyed", g.pid, [f"Authorization: Bearer {key}"]),
         ("portcullis forged key 401", f"{gw}/keyed", g.pid, [f"Authorization: Bearer {forged}"]),
@@ -578,7 +596,7 @@ def run(args, tmp, conns):
     for i in range(args.rounds):
         log(f"round {i + 1}/{args.rounds}…")
         for name, url, pid, hdrs in targets:
-            runs[name].append(wrk(url, [pid], args.duration, hdrs))
+            runs[name].append(wrk(url, pid if isinstance(pid, list) else [pid], args.duration, hdrs))
     rows = {name: median_row(r) for name, r in runs.items()}
     print_table(rows, f"Throughput, medians of {args.rounds} rounds "
                       "(CPU: nginx front worker / portcullis process; upstream and wrk not counted)")
@@ -596,6 +614,12 @@ def run(args, tmp, conns):
     log(f"  CPU/request  plain / nginx          {ratio(p1['cpu'], n['cpu']):6.2f}x")
     log(f"  CPU/request  keyed / nginx          {ratio(k1['cpu'], n['cpu']):6.2f}x")
     log(f"  req/s        keyed / nginx          {ratio(k1['rps'], n['rps']):6.2f}x")
+    na = rows[f"nginx, {cpus} workers"]
+    log(f"  default against default, one worker per CPU each (nginx worker_processes {cpus}, reuseport):")
+    log(f"  CPU/request  plain / nginx          {ratio(p['cpu'], na['cpu']):6.2f}x")
+    log(f"  CPU/request  keyed / nginx          {ratio(k['cpu'], na['cpu']):6.2f}x")
+    log(f"  req/s        keyed / nginx          {ratio(k['rps'], na['rps']):6.2f}x")
+    log(f"  CPU/request  nginx {cpus} workers / 1   {ratio(na['cpu'], n['cpu']):6.2f}x")
     if floor:
         fl = rows["hyper floor (bare proxy)"]
         log("  the floor: hyper + tokio in the gateway's shape, none of its work (examples/hyper_floor.rs):")
@@ -604,7 +628,7 @@ def run(args, tmp, conns):
         log(f"  CPU/request  1-worker keyed / floor {ratio(k1['cpu'], fl['cpu']):6.2f}x")
     g1.terminate()
     g1.wait(15)
-    bad = n["non2xx"] + p["non2xx"] + k["non2xx"] + p1["non2xx"] + k1["non2xx"]
+    bad = n["non2xx"] + na["non2xx"] + p["non2xx"] + k["non2xx"] + p1["non2xx"] + k1["non2xx"]
     if bad:
         log(f"  WARNING: {bad} non-2xx answers on the nginx/plain/keyed runs")
 
