@@ -76,7 +76,10 @@ pub struct ResultLabel {
 /// stands for the label set. A cached handle keeps the name `Arc`s of its
 /// key alive, so a key made of their addresses cannot be reused by another
 /// name while it is cached.
-type Handles<K, M> = RefCell<HashMap<(u64, K), (M, Pin), RandomState>>;
+type Handles<K, M> = Cache<(u64, K), M, Pin>;
+
+/// A thread's cache of values by key, each with what it pins.
+type Cache<K, M, P> = RefCell<HashMap<K, (M, P), RandomState>>;
 
 /// What a cached handle holds on to so that its key stays unique.
 type Pin = Option<Arc<str>>;
@@ -108,8 +111,7 @@ thread_local! {
     // counting through it counts in the family that `/metrics` renders.
     // Keys are addresses and small numbers: hashing them costs less than
     // hashing names, and no label is built unless the handle is new.
-    static FINISHED: RefCell<HashMap<FinishedKey, (Finished, [Pin; 2]), RandomState>> =
-        RefCell::default();
+    static FINISHED: Cache<FinishedKey, Finished, [Pin; 2]> = RefCell::default();
     static AUTH_REFUSALS: Handles<&'static str, Counter> = RefCell::default();
 }
 
@@ -129,17 +131,34 @@ fn with_handle<K, L, M>(
     L: Clone + Hash + Eq + Send + Sync + 'static,
     M: Clone + Send + Sync + 'static,
 {
+    let make = || {
+        let (labels, pin) = labels();
+        (family.get_or_create(&labels).clone(), pin)
+    };
+    cached(cache, (id, key), make, f);
+}
+
+/// Runs `f` on this thread's cached value for `key`, made (with what it
+/// pins) by `make` and cached when not there yet.
+fn cached<K, M, P>(
+    cache: &'static LocalKey<Cache<K, M, P>>,
+    key: K,
+    make: impl FnOnce() -> (M, P),
+    f: impl FnOnce(&M),
+) where
+    K: Hash + Eq + 'static,
+    M: 'static,
+    P: 'static,
+{
     cache.with(|c| {
         let Ok(mut c) = c.try_borrow_mut() else {
             // Not reached (`f` never re-enters); count without the cache.
-            return f(&family.get_or_create(&labels().0));
+            return f(&make().0);
         };
-        let key = (id, key);
         if let Some((m, _)) = c.get(&key) {
             return f(m);
         }
-        let (labels, pin) = labels();
-        let m = family.get_or_create(&labels).clone();
+        let (m, pin) = make();
         f(&m);
         if c.len() >= MAX_HANDLES {
             // Each reload brings new name `Arc`s, so new keys: start over
@@ -323,7 +342,7 @@ impl Metrics {
                 h.observe(s);
             }
         };
-        let make = || Finished {
+        let handles = || Finished {
             requests: self
                 .requests
                 .get_or_create(&RequestLabels {
@@ -353,23 +372,11 @@ impl Metrics {
             status,
             upstream.map_or(0, |(u, _)| addr(u)),
         );
-        FINISHED.with(|c| {
-            let Ok(mut c) = c.try_borrow_mut() else {
-                // Not reached (`record` never re-enters); count without the cache.
-                return record(&make());
-            };
-            if let Some((f, _)) = c.get(&key) {
-                return record(f);
-            }
-            let f = make();
-            record(&f);
-            if c.len() >= MAX_HANDLES {
-                // As in `with_handle`: reloads bring new name `Arc`s.
-                c.clear();
-            }
+        let make = || {
             let pins = [Some(route.clone()), upstream.map(|(u, _)| u.clone())];
-            c.insert(key, (f, pins));
-        });
+            (handles(), pins)
+        };
+        cached(&FINISHED, key, make, record);
     }
 
     /// Counts a request refused by authentication or authorisation.

@@ -235,11 +235,14 @@ fn finish(resp: &mut Response<ResponseBody>, ctx: &RequestCtx) {
         reset_secs,
     }) = ctx.rate
     {
-        h.insert(names::X_RATELIMIT_LIMIT, number_header(LIMIT_SLOT, limit));
+        h.insert(
+            names::X_RATELIMIT_LIMIT,
+            remembered(&LAST_LIMIT, limit, HeaderValue::from),
+        );
         h.insert(names::X_RATELIMIT_REMAINING, HeaderValue::from(remaining));
         h.insert(
             names::X_RATELIMIT_RESET,
-            number_header(RESET_SLOT, reset_secs),
+            remembered(&LAST_RESET, reset_secs, HeaderValue::from),
         );
     }
     if let (Some(origin), Some(id)) = (&ctx.cors_origin, &ctx.identity) {
@@ -372,61 +375,42 @@ fn forwarded_for(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> HeaderValue {
     peer_header(peer)
 }
 
-/// [`number_header`]'s slot for `X-RateLimit-Limit` (the same for every
-/// request of a key), and for `X-RateLimit-Reset` (the same within a second).
-const LIMIT_SLOT: usize = 0;
-const RESET_SLOT: usize = 1;
+/// A thread's last header value made, and what it was made from.
+type LastValue<K> = std::cell::RefCell<Option<(K, HeaderValue)>>;
 
 thread_local! {
-    /// The last number written as a header value, per slot.
-    static LAST_NUMBERS: std::cell::RefCell<[Option<(u64, HeaderValue)>; 2]> =
-        const { std::cell::RefCell::new([None, None]) };
+    // A client sends many requests in a row (keep-alive), a key's limit is
+    // the same on every request and its reset the same within a second:
+    // the value repeated from the last request costs no allocation.
+    static LAST_PEER: LastValue<IpAddr> = const { std::cell::RefCell::new(None) };
+    static LAST_LIMIT: LastValue<u64> = const { std::cell::RefCell::new(None) };
+    static LAST_RESET: LastValue<u64> = const { std::cell::RefCell::new(None) };
 }
 
-/// A number as a header value, through this thread's one-entry memo for
-/// `slot`: a value repeated from the last request costs no allocation.
-fn number_header(slot: usize, n: u64) -> HeaderValue {
-    LAST_NUMBERS.with(|last| {
+/// `make(k)`, through this thread's one-entry memo `last`.
+fn remembered<K: Copy + PartialEq + 'static>(
+    last: &'static std::thread::LocalKey<LastValue<K>>,
+    k: K,
+    make: fn(K) -> HeaderValue,
+) -> HeaderValue {
+    last.with(|last| {
         let Ok(mut last) = last.try_borrow_mut() else {
-            return HeaderValue::from(n);
-        };
-        let Some(entry) = last.get_mut(slot) else {
-            return HeaderValue::from(n);
-        };
-        match entry {
-            Some((m, v)) if *m == n => v.clone(),
-            _ => {
-                let v = HeaderValue::from(n);
-                *entry = Some((n, v.clone()));
-                v
-            }
-        }
-    })
-}
-
-thread_local! {
-    /// The last peer address written as a header on this thread: a client
-    /// sends many requests in a row (keep-alive), so writing it once saves
-    /// an allocation per request.
-    static LAST_PEER: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// [`ip_header`] of the peer, through this thread's one-entry memo.
-fn peer_header(peer: IpAddr) -> HeaderValue {
-    LAST_PEER.with(|last| {
-        let Ok(mut last) = last.try_borrow_mut() else {
-            return ip_header(peer);
+            return make(k);
         };
         match &*last {
-            Some((ip, v)) if *ip == peer => v.clone(),
+            Some((m, v)) if *m == k => v.clone(),
             _ => {
-                let v = ip_header(peer);
-                *last = Some((peer, v.clone()));
+                let v = make(k);
+                *last = Some((k, v.clone()));
                 v
             }
         }
     })
+}
+
+/// [`ip_header`] of the peer, remembered per thread.
+fn peer_header(peer: IpAddr) -> HeaderValue {
+    remembered(&LAST_PEER, peer, ip_header)
 }
 
 /// An address as a header value. IPv4 is written by hand: `Display` for
@@ -459,22 +443,22 @@ fn ip_header(ip: IpAddr) -> HeaderValue {
 
 #[cfg(test)]
 mod tests {
-    use super::{LIMIT_SLOT, RESET_SLOT, ip_header, number_header, peer_header};
+    use super::{LAST_LIMIT, LAST_RESET, ip_header, peer_header, remembered};
+    use http::HeaderValue;
 
     #[test]
     fn the_number_memo_answers_for_the_number_asked() {
-        for (slot, n) in [
-            (LIMIT_SLOT, 10),
-            (LIMIT_SLOT, 10),
-            (RESET_SLOT, 10),
-            (LIMIT_SLOT, 7),
+        let limit = |n| remembered(&LAST_LIMIT, n, HeaderValue::from);
+        let reset = |n| remembered(&LAST_RESET, n, HeaderValue::from);
+        for (v, n) in [
+            (limit(10), 10),
+            (limit(10), 10),
+            (reset(10), 10),
+            (limit(7), 7),
         ] {
-            assert_eq!(number_header(slot, n), n.to_string().as_str());
+            assert_eq!(v, n.to_string().as_str());
         }
-        assert_eq!(
-            number_header(RESET_SLOT, u64::MAX),
-            u64::MAX.to_string().as_str()
-        );
+        assert_eq!(reset(u64::MAX), u64::MAX.to_string().as_str());
     }
 
     #[test]
