@@ -348,19 +348,22 @@ def bench_redis(args, tmp, up_port, nginx_url, nx_worker):
     if not wait_port(rport, rp):
         die("redis-server did not start")
     rows, cmds, nginx_runs = {}, {}, []
-    for mode in ("hybrid", "redis"):
+    # Default workers for both modes, and hybrid again with one worker, like
+    # for like with the one-worker nginx front.
+    for mode, workers in (("hybrid", None), ("hybrid", 1), ("redis", None)):
+        label = f"{mode} mode" + ("" if workers is None else ", 1 worker")
         gw_port, admin_port = free_port(), free_port()
-        cfg = gateway_config(tmp, f"redis-{mode}", gw_port, admin_port, up_port,
-                             f"redis://127.0.0.1:{rport}/0", mode)
+        cfg = gateway_config(tmp, f"redis-{mode}-{workers or 'default'}", gw_port, admin_port, up_port,
+                             f"redis://127.0.0.1:{rport}/0", mode, workers=workers)
         key, _ = create_key(args.bin, cfg)
-        g = gateway(args.bin, cfg, gw_port, os.path.join(tmp, f"redis-{mode}.log"))
+        g = gateway(args.bin, cfg, gw_port, os.path.join(tmp, f"redis-{mode}-{workers or 'default'}.log"))
         st, body = http_get(gw_port, "/keyed", {"Authorization": f"Bearer {key}"})
         if st != 200:
-            die(f"redis {mode}: GET /keyed with the key answered {st}: {body[:200]!r}")
+            die(f"redis {label}: GET /keyed with the key answered {st}: {body[:200]!r}")
         url = f"http://127.0.0.1:{gw_port}/keyed"
         hdr = [f"Authorization: Bearer {key}"]
         subprocess.run(["wrk", "-t1", "-c32", "-d1s", "-H", hdr[0], url], capture_output=True)
-        runs, per_req, redis_cpu, last_delta = [], [], [], {}
+        runs, per_req, redis_cpu, last_delta, last_n = [], [], [], {}, 1
         for _ in range(args.rounds):
             # nginx in the same rounds: the ratios compare like with like.
             nginx_runs.append(wrk(nginx_url, [nx_worker], args.duration))
@@ -368,23 +371,24 @@ def bench_redis(args, tmp, up_port, nginx_url, nx_worker):
             r = wrk(url, [g.pid], args.duration, hdr)
             c1, r1 = redis_calls(rport), cpu_ticks(rp.pid)
             delta = {k: v - c0.get(k, 0) for k, v in c1.items() if k != "info" and v - c0.get(k, 0) > 0}
-            last_delta = delta
+            last_delta, last_n = delta, r["n"]
             per_req.append(sum(delta.values()) / max(r["n"], 1))
             redis_cpu.append((r1 - r0) / TICK * 1e6 / max(r["n"], 1))
             runs.append(r)
         row = median_row(runs)
-        rows[f"keyed, {mode} mode"] = row
-        cmds[mode] = (statistics.median(per_req), statistics.median(redis_cpu), last_delta, row["n"] / len(runs))
+        rows[f"keyed, {label}"] = row
+        # The last round's counts over the last round's requests.
+        cmds[label] = (statistics.median(per_req), statistics.median(redis_cpu), last_delta, last_n)
         g.terminate()
         g.wait(15)
     n = median_row(nginx_runs)
     rows = {"nginx proxy_pass (same rounds)": n} | rows
     print_table(rows, f"Redis store (appendfsync everysec), keyed route, medians of {args.rounds} rounds "
                       f"(CPU: nginx front worker / portcullis; redis-server below)")
-    for mode in ("hybrid", "redis"):
-        r = rows[f"keyed, {mode} mode"]
-        log(f"  {mode:<7} CPU/request / nginx {ratio(r['cpu'], n['cpu']):5.2f}x   req/s / nginx "
-            f"{ratio(r['rps'], n['rps']):5.2f}x" + ("   (acceptance: <= 1.25, >= 0.80)" if mode == "hybrid" else ""))
+    for label in cmds:
+        r = rows[f"keyed, {label}"]
+        log(f"  {label:<21} CPU/request / nginx {ratio(r['cpu'], n['cpu']):5.2f}x   req/s / nginx "
+            f"{ratio(r['rps'], n['rps']):5.2f}x" + ("   (acceptance: <= 1.25, >= 0.80)" if label.startswith("hybrid") else ""))
     log("")
     log("  Redis commands per request, from INFO commandstats deltas (INFO itself excluded). Redis also")
     log("  counts the commands a Lua script runs, so a request served by one EVALSHA round trip that runs")
@@ -393,7 +397,7 @@ def bench_redis(args, tmp, up_port, nginx_url, nx_worker):
         scripts = sum(v for k, v in delta.items() if k.split("|")[0] in
                       ("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro")) / max(n, 1)
         top = ", ".join(f"{k} {v / max(n, 1):.3f}" for k, v in sorted(delta.items(), key=lambda kv: -kv[1])[:8])
-        log(f"  {mode:<7} commands/request {per:.3f}   scripts/request {scripts:.3f}   "
+        log(f"  {mode:<21} commands/request {per:.3f}   scripts/request {scripts:.3f}   "
             f"redis-server CPU {rcpu:.1f} us/req")
         log(f"          last round, per request: {top or 'none'}")
 

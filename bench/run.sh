@@ -11,7 +11,8 @@
 #   - RSS per connection after a burst of 4,000 (every request sent before any
 #     answer is read, as ../shared/acceptance/perf does), on a fresh gateway.
 # With --redis it also measures the keyed path in rate_limit.mode = "hybrid" and
-# "redis" on a local redis-server, with Redis commands per request. With
+# "redis" on a local redis-server (hybrid also with `workers = 1`, like for like),
+# with Redis commands per request. With
 # --instructions it counts instructions per request under callgrind (nginx,
 # the floor and portcullis): user space only, but the same from run to run, so
 # a small change shows through the machine's noise.
