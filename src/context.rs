@@ -253,6 +253,52 @@ impl std::ops::BitOrAssign for Seen {
     }
 }
 
+/// The hop-by-hop headers, which never cross the gateway (RFC 9110 §7.6.1,
+/// plus the proxy credentials meant for us). `Trailer` is end-to-end: hyper
+/// only sends the trailers it names, so it must pass. One list for the
+/// guard's scan (is any present?) and the proxy's removal (which ones).
+pub mod hop_by_hop {
+    use http::{HeaderName, header};
+
+    /// Their names.
+    pub const NAMES: [HeaderName; 8] = [
+        header::TE,
+        header::UPGRADE,
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ];
+    /// The place of `TE` in [`NAMES`].
+    pub const TE: usize = 0;
+    /// The place of `Upgrade` in [`NAMES`].
+    pub const UPGRADE: usize = 1;
+    /// The place of `Connection` in [`NAMES`].
+    pub const CONNECTION: usize = 2;
+    /// The place of `Transfer-Encoding` in [`NAMES`].
+    pub const TRANSFER_ENCODING: usize = 5;
+
+    /// Which hop-by-hop header `n` is (its place in [`NAMES`]). By name
+    /// length first: this runs for every header of every request and response.
+    pub fn index(n: &HeaderName) -> Option<usize> {
+        let s = n.as_str();
+        let i = match s.len() {
+            2 if s == "te" => TE,
+            7 if s == "upgrade" => UPGRADE,
+            10 if s == "connection" => CONNECTION,
+            10 if s == "keep-alive" => 3,
+            16 if s == "proxy-connection" => 4,
+            17 if s == "transfer-encoding" => TRANSFER_ENCODING,
+            18 if s == "proxy-authenticate" => 6,
+            19 if s == "proxy-authorization" => 7,
+            _ => return None,
+        };
+        Some(i)
+    }
+}
+
 /// Header names the gateway reads or sets, built at compile time (a string
 /// name would be parsed and validated again on every request).
 pub mod names {

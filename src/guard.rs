@@ -3,7 +3,7 @@
 //! one canonical path that the router matches, auth authorises and the
 //! proxy forwards. Never looks at credentials or the store.
 
-use crate::context::Seen;
+use crate::context::{Seen, hop_by_hop};
 use crate::error::GatewayError;
 use http::{HeaderMap, Method, Request, Version};
 
@@ -14,7 +14,6 @@ pub fn scan(h: &HeaderMap) -> Seen {
     for (name, value) in h {
         let n = name.as_str();
         let found = match n.len() {
-            2 if n == "te" => Seen::HOP_BY_HOP,
             4 if n == "host" => {
                 if seen.any(Seen::HOST) {
                     Seen::HOST_TWICE
@@ -25,10 +24,8 @@ pub fn scan(h: &HeaderMap) -> Seen {
                 }
             }
             6 if n == "origin" => Seen::ORIGIN,
-            7 if n == "upgrade" => Seen::UPGRADE,
             8 if n == "x-key-id" => Seen::IDENTITY,
             9 if n == "x-api-key" => Seen::X_API_KEY,
-            10 if n == "connection" || n == "keep-alive" => Seen::HOP_BY_HOP,
             12 if n == "x-request-id" => Seen::X_REQUEST_ID,
             13 if n == "authorization" => Seen::AUTHORIZATION,
             14 if n == "content-length" => {
@@ -44,12 +41,13 @@ pub fn scan(h: &HeaderMap) -> Seen {
             14 if n == "x-workspace-id" => Seen::IDENTITY,
             15 if n == "x-forwarded-for" => Seen::X_FORWARDED_FOR,
             16 if n == "x-forwarded-host" => Seen::X_FORWARDED_HOST,
-            16 if n == "proxy-connection" => Seen::HOP_BY_HOP,
-            17 if n == "transfer-encoding" => Seen::TRANSFER_ENCODING | Seen::HOP_BY_HOP,
             17 if n == "x-key-environment" => Seen::IDENTITY,
-            18 if n == "proxy-authenticate" => Seen::HOP_BY_HOP,
-            19 if n == "proxy-authorization" => Seen::HOP_BY_HOP,
-            _ => continue,
+            _ => match hop_by_hop::index(name) {
+                Some(hop_by_hop::UPGRADE) => Seen::UPGRADE,
+                Some(hop_by_hop::TRANSFER_ENCODING) => Seen::TRANSFER_ENCODING | Seen::HOP_BY_HOP,
+                Some(_) => Seen::HOP_BY_HOP,
+                None => continue,
+            },
         };
         seen |= found;
     }
@@ -308,6 +306,15 @@ mod tests {
         for (name, want) in cases {
             let r = req(&[(name, "1")], Version::HTTP_11, "/");
             assert_eq!(scan(r.headers()), *want, "{name}");
+        }
+        // The proxy removes only what the scan flagged: every name it would
+        // remove must be flagged.
+        for name in &hop_by_hop::NAMES {
+            let r = req(&[(name.as_str(), "1")], Version::HTTP_11, "/");
+            assert!(
+                scan(r.headers()).any(Seen::HOP_BY_HOP | Seen::UPGRADE),
+                "{name}"
+            );
         }
         let twice = req(&[("host", "a"), ("Host", "b")], Version::HTTP_11, "/");
         assert_eq!(scan(twice.headers()), Seen::HOST | Seen::HOST_TWICE);

@@ -1,43 +1,8 @@
 //! Header rewriting for forwarding: hop-by-hop removal (RFC 9110 §7.6.1 plus
 //! every header the `Connection` header names), in both directions.
 
+use crate::context::hop_by_hop::{self, CONNECTION, TE, UPGRADE};
 use http::{HeaderMap, HeaderName, header};
-
-/// The hop-by-hop headers, which never cross the gateway (RFC 9110 §7.6.1,
-/// plus the proxy credentials meant for us). `Trailer` is end-to-end: hyper
-/// only sends the trailers it names, so it must pass.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::TE,
-    header::UPGRADE,
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TRANSFER_ENCODING,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-];
-/// Their places in [`HOP_BY_HOP`] that the removal reads values of.
-const TE: usize = 0;
-const UPGRADE: usize = 1;
-const CONNECTION: usize = 2;
-
-/// Which hop-by-hop header `n` is (its place in [`HOP_BY_HOP`]). By name
-/// length first: this runs for every header of every request and response.
-fn hop_by_hop(n: &HeaderName) -> Option<usize> {
-    let s = n.as_str();
-    let i = match s.len() {
-        2 if s == "te" => TE,
-        7 if s == "upgrade" => UPGRADE,
-        10 if s == "connection" => CONNECTION,
-        10 if s == "keep-alive" => 3,
-        16 if s == "proxy-connection" => 4,
-        17 if s == "transfer-encoding" => 5,
-        18 if s == "proxy-authenticate" => 6,
-        19 if s == "proxy-authorization" => 7,
-        _ => return None,
-    };
-    Some(i)
-}
 
 /// Removes hop-by-hop headers, and every header named in `Connection`.
 /// `Upgrade` is removed too unless `keep_upgrade` (a WebSocket route).
@@ -49,7 +14,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
     let mut found = 0u8;
     let (mut wants_trailers, mut names_more) = (false, false);
     for (name, value) in h.iter() {
-        let Some(i) = hop_by_hop(name) else { continue };
+        let Some(i) = hop_by_hop::index(name) else {
+            continue;
+        };
         match i {
             UPGRADE if keep_upgrade => continue,
             TE => {
@@ -89,7 +56,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
             h.remove(&n);
         }
     }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+    for (i, name) in hop_by_hop::NAMES.iter().enumerate() {
         if found & (1 << i) != 0 {
             h.remove(name);
         }
