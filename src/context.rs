@@ -62,8 +62,8 @@ impl RequestId {
 
     /// An id the gateway made of characters it knows are well-formed: not
     /// checked again here (the header value checks its bytes anyway).
-    pub fn made(v: &[u8]) -> Self {
-        HeaderValue::from_bytes(v).map_or_else(|_| Self::unknown(), RequestId)
+    pub fn made(v: bytes::Bytes) -> Self {
+        HeaderValue::from_maybe_shared(v).map_or_else(|_| Self::unknown(), RequestId)
     }
 
     /// The id used if one could not be made (not reached: ids are ASCII).

@@ -20,107 +20,123 @@ use std::sync::atomic::Ordering;
 
 /// Handles one request end to end. Never fails: errors become the JSON
 /// answers of DESIGN.md.
-pub async fn handle(req: Request<Incoming>, conn: ConnInfo, app: &App) -> Response<ResponseBody> {
-    let snap = app.current.load_full();
-    let seen = crate::guard::scan(req.headers());
-    let request_id = seen
-        .any(Seen::X_REQUEST_ID)
-        .then(|| RequestId::from_client(req.headers()))
-        .flatten()
-        .unwrap_or_else(|| app.ids.next());
-    let mut ctx = RequestCtx::new(conn, req.method().clone(), request_id, seen);
-    let h2 = req.version() == http::Version::HTTP_2;
+///
+/// An `async` block, not an `async fn`, here and in [`inner`]: an `async
+/// fn` keeps a second copy of its by-value arguments (the request) in its
+/// future, which the listener boxes and hyper moves about. It owns `app` so
+/// that its future can be that box.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub fn handle(
+    req: Request<Incoming>,
+    conn: ConnInfo,
+    app: Arc<App>,
+) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
+    async move {
+        let app = &*app;
+        let snap = app.current.load_full();
+        let seen = crate::guard::scan(req.headers());
+        let request_id = seen
+            .any(Seen::X_REQUEST_ID)
+            .then(|| RequestId::from_client(req.headers()))
+            .flatten()
+            .unwrap_or_else(|| app.ids.next());
+        let mut ctx = RequestCtx::new(conn, req.method().clone(), request_id, seen);
+        let h2 = req.version() == http::Version::HTTP_2;
 
-    let max = snap.config.server.max_in_flight;
-    let result = if app.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
-        Err(GatewayError::Overloaded)
-    } else {
-        // Not boxed on its own: the listener boxes the whole request future
-        // once (hyper moves it around), and one allocation is enough.
-        inner(req, &mut ctx, &snap, app).await
-    };
-    app.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let max = snap.config.server.max_in_flight;
+        let result = if app.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
+            Err(GatewayError::Overloaded)
+        } else {
+            // Not boxed: hyper keeps the whole request future in its one
+            // box per connection, so a request costs no allocation for it.
+            inner(req, &mut ctx, &snap, app).await
+        };
+        app.in_flight.fetch_sub(1, Ordering::Relaxed);
 
-    let mut resp = match result {
-        Ok(r) => r,
-        Err(e) => {
-            record_error(&e, &ctx, app);
-            e.to_response(ctx.request_id.as_str())
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                record_error(&e, &ctx, app);
+                e.to_response(ctx.request_id.as_str())
+            }
+        };
+        finish(&mut resp, &ctx);
+        if h2 {
+            // Connection-specific headers are illegal in HTTP/2.
+            resp.headers_mut().remove(header::CONNECTION);
         }
-    };
-    finish(&mut resp, &ctx);
-    if h2 {
-        // Connection-specific headers are illegal in HTTP/2.
-        resp.headers_mut().remove(header::CONNECTION);
+        log_and_count(&resp, &ctx, app);
+        resp
     }
-    log_and_count(&resp, &ctx, app);
-    resp
 }
 
 /// The straight run of stages; any `?` ends the request with that error.
-async fn inner(
+#[allow(clippy::manual_async_fn)] // on purpose: see `handle`
+fn inner<'a>(
     req: Request<Incoming>,
-    ctx: &mut RequestCtx,
-    snap: &Arc<Snapshot>,
-    app: &App,
-) -> Result<Response<ResponseBody>, GatewayError> {
-    let cfg = &snap.config;
-    ctx.path = crate::guard::check(&req, ctx.seen, ctx.conn.framing_conflict)?;
-    auth::check_query(req.uri().query(), cfg)?;
+    ctx: &'a mut RequestCtx,
+    snap: &'a Arc<Snapshot>,
+    app: &'a App,
+) -> impl Future<Output = Result<Response<ResponseBody>, GatewayError>> + Send + 'a {
+    async move {
+        let cfg = &snap.config;
+        ctx.path = crate::guard::check(&req, ctx.seen, ctx.conn.framing_conflict)?;
+        auth::check_query(req.uri().query(), cfg)?;
 
-    if cfg.self_service && crate::admin::self_service::handles(&ctx.path) {
-        let client_ip = client_ip(req.headers(), ctx.conn, cfg);
-        // Boxed: a rare path whose future would otherwise size every request's.
-        return Box::pin(crate::admin::self_service::handle(
-            req, ctx, cfg, app, client_ip,
-        ))
-        .await;
-    }
-    if let Some(resp) = preflight(&req, &ctx.path, cfg) {
-        return Ok(resp);
-    }
-
-    let route: &Route = cfg.router.at(req.method(), &ctx.path)?;
-    ctx.route = Some(route.name.clone());
-    let client_ip = client_ip(req.headers(), ctx.conn, cfg);
-
-    if route.auth == AuthMode::Key {
-        let input = AuthInput {
-            headers: req.headers(),
-            seen: ctx.seen,
-            client_ip,
-            route,
-        };
-        let identity = auth::authenticate(&input, cfg, &app.keys).await?;
-        if route.allows_public() {
-            ctx.cors_origin = req.headers().get(header::ORIGIN).cloned();
+        if cfg.self_service && crate::admin::self_service::handles(&ctx.path) {
+            let client_ip = client_ip(req.headers(), ctx.conn, cfg);
+            // Boxed: a rare path whose future would otherwise size every request's.
+            return Box::pin(crate::admin::self_service::handle(
+                req, ctx, cfg, app, client_ip,
+            ))
+            .await;
         }
-        ctx.identity = Some(identity);
-        rate_limit(ctx, route, cfg, app).await?;
-    }
+        if let Some(resp) = preflight(&req, &ctx.path, cfg) {
+            return Ok(resp);
+        }
 
-    if ctx.seen.any(Seen::CONTENT_LENGTH)
-        && let Some(len) = content_length(req.headers())
-        && len > route.max_body_bytes
-    {
-        return Err(GatewayError::PayloadTooLarge);
+        let route: &Route = cfg.router.at(req.method(), &ctx.path)?;
+        ctx.route = Some(route.name.clone());
+        let client_ip = client_ip(req.headers(), ctx.conn, cfg);
+
+        if route.auth == AuthMode::Key {
+            let input = AuthInput {
+                headers: req.headers(),
+                seen: ctx.seen,
+                client_ip,
+                route,
+            };
+            let identity = auth::authenticate(&input, cfg, &app.keys).await?;
+            if route.allows_public() {
+                ctx.cors_origin = req.headers().get(header::ORIGIN).cloned();
+            }
+            ctx.identity = Some(identity);
+            rate_limit(ctx, route, cfg, app).await?;
+        }
+
+        if ctx.seen.any(Seen::CONTENT_LENGTH)
+            && let Some(len) = content_length(req.headers())
+            && len > route.max_body_bytes
+        {
+            return Err(GatewayError::PayloadTooLarge);
+        }
+        let pool = snap.pools.get(&route.upstream).ok_or_else(|| {
+            GatewayError::Internal(format!("no pool for upstream {}", route.upstream))
+        })?;
+        let xff = forwarded_for(req.headers(), ctx.conn, cfg);
+        // A gateway key never reaches an upstream, even one sent by mistake to
+        // a route without auth; other credentials (e.g. Basic) pass there.
+        let strip_credentials = route.auth == AuthMode::Key
+            || auth::credential(req.headers(), ctx.seen)
+                .ok()
+                .flatten()
+                .is_some_and(|c| cfg.key_format.has_known_prefix(c));
+        let fwd = crate::proxy::Forwarding {
+            xff,
+            strip_credentials,
+        };
+        crate::proxy::forward(pool, route, req, fwd, ctx).await
     }
-    let pool = snap.pools.get(&route.upstream).ok_or_else(|| {
-        GatewayError::Internal(format!("no pool for upstream {}", route.upstream))
-    })?;
-    let xff = forwarded_for(req.headers(), ctx.conn, cfg);
-    // A gateway key never reaches an upstream, even one sent by mistake to
-    // a route without auth; other credentials (e.g. Basic) pass there.
-    let strip_credentials = route.auth == AuthMode::Key
-        || auth::credential(req.headers(), ctx.seen)
-            .ok()
-            .flatten()
-            .is_some_and(|c| cfg.key_format.has_known_prefix(c));
-    let fwd = crate::proxy::Forwarding {
-        xff,
-        strip_credentials,
-    };
-    crate::proxy::forward(pool, route, req, fwd, ctx).await
 }
 
 async fn rate_limit(

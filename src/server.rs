@@ -52,14 +52,36 @@ impl RequestIds {
     pub fn next(&self) -> RequestId {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         // Written by hand: `format!` showed in the per-request profile.
-        let mut buf = [0u8; 64];
-        let p = self.prefix.len().min(buf.len() - 13);
-        buf[..p].copy_from_slice(&self.prefix.as_bytes()[..p]);
-        buf[p] = b'-';
-        for (i, b) in buf[p + 1..p + 13].iter_mut().enumerate() {
+        let mut id = IdBytes {
+            buf: [0; ID_MAX],
+            len: 0,
+        };
+        let p = self.prefix.len().min(ID_MAX - 13);
+        id.buf[..p].copy_from_slice(&self.prefix.as_bytes()[..p]);
+        id.buf[p] = b'-';
+        for (i, b) in id.buf[p + 1..p + 13].iter_mut().enumerate() {
             *b = b"0123456789abcdef"[((n >> (44 - 4 * i)) & 0xf) as usize];
         }
-        RequestId::made(&buf[..p + 13])
+        id.len = p + 13;
+        // An owned buffer behind `Bytes`: one allocation, and the id's two
+        // copies (upstream request, response) share it by a count. Bytes
+        // copied from a slice would allocate again when first shared.
+        RequestId::made(bytes::Bytes::from_owner(id))
+    }
+}
+
+/// Longest request id the gateway makes (prefix, dash, 12 hex digits).
+const ID_MAX: usize = 32;
+
+/// The bytes of a request id the gateway made.
+struct IdBytes {
+    buf: [u8; ID_MAX],
+    len: usize,
+}
+
+impl AsRef<[u8]> for IdBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 

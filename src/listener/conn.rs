@@ -11,6 +11,7 @@ use super::io::{ConnIo, ConnShared, InFlight, Socket};
 use crate::context::{ConnInfo, ResponseBody};
 use crate::server::App;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::Request;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
@@ -266,11 +267,11 @@ fn service(
             framing_conflict: shared.framing_conflict.load(Ordering::Relaxed),
             ..conn
         };
-        let app = app.clone();
-        // Boxed: hyper moves the request future (~2.7 KB) into its
-        // dispatcher; one allocation costs less than those copies.
-        Box::pin(async move {
-            let resp = crate::pipeline::handle(req, conn, &app).await;
+        // Not boxed: hyper keeps the request future in a box of its own,
+        // one per connection. The pipeline's future is this one itself (a
+        // combinator, not an `async` block around it, which would copy it
+        // in on first poll).
+        crate::pipeline::handle(req, conn, app.clone()).map(move |resp| {
             Ok::<_, Infallible>(resp.map(|body| Tracked {
                 body,
                 _guard: guard,

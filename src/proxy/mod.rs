@@ -126,25 +126,25 @@ pub fn forward<'a>(
     fwd: Forwarding,
     ctx: &'a mut RequestCtx,
 ) -> impl Future<Output = Result<Response<ResponseBody>, GatewayError>> + Send + 'a {
-    let started = rewrite(pool, route, req, fwd, ctx).map(|(out, target, client_upgrade)| {
-        ctx.upstream = Some(pool.config.name.clone());
-        let sent = Instant::now();
-        let response = deadline::within(
-            deadline::after(sent, pool.config.request_timeout),
-            pool.target_pool(target)
-                .send(&pool.connector, pool.limits, out, sent),
-        );
-        // A combinator, not an `async` block: moving the response future
-        // out of a captured value would hold it twice.
-        response.map(move |result| {
-            ctx.upstream_latency = Some(sent.elapsed());
-            answer(result, client_upgrade)
-        })
-    });
-    match started {
-        Ok(f) => EitherFuture::Right(f),
-        Err(e) => EitherFuture::Left(std::future::ready(Err(e))),
-    }
+    // Straight-line, each value built where it ends up: a `Result::map`
+    // and a `match` around the response future copied it twice more.
+    let (out, target, client_upgrade) = match rewrite(pool, route, req, fwd, ctx) {
+        Ok(rewritten) => rewritten,
+        Err(e) => return EitherFuture::Left(std::future::ready(Err(e))),
+    };
+    ctx.upstream = Some(pool.config.name.clone());
+    let sent = Instant::now();
+    let response = deadline::within(
+        deadline::after(sent, pool.config.request_timeout),
+        pool.target_pool(target)
+            .send(&pool.connector, pool.limits, out, sent),
+    );
+    // A combinator, not an `async` block: moving the response future
+    // out of a captured value would hold it twice.
+    EitherFuture::Right(response.map(move |result| {
+        ctx.upstream_latency = Some(sent.elapsed());
+        answer(result, client_upgrade)
+    }))
 }
 
 /// The identity headers the gateway sets for the upstream, in the order of

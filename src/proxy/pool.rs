@@ -8,6 +8,8 @@
 //! connection is ready again once hyper has finished its response.
 
 use super::ForwardBody;
+use futures_util::FutureExt;
+use futures_util::future::Either as EitherFuture;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
@@ -95,23 +97,24 @@ impl TargetPool {
         req: http::Request<ForwardBody>,
         now: Instant,
     ) -> impl Future<Output = Result<http::Response<Incoming>, SendError>> + Send + 'a {
-        let first = match self.take_ready(limits.idle_timeout, now) {
-            Some(tx) => Ok(self.hand_over(tx, req, limits.max_kept, now)),
-            // Boxed: connecting is the rare case.
-            None => Err(Box::new(req)),
-        };
-        async move {
-            let req = match first {
-                Ok(response) => match response.await {
-                    Ok(r) => return Ok(r),
+        // Combinators, not an `async` block: the block kept the pending
+        // exchange twice (as captured, and as awaited).
+        match self.take_ready(limits.idle_timeout, now) {
+            Some(tx) => EitherFuture::Left(self.hand_over(tx, req, limits.max_kept, now).then(
+                move |sent| match sent {
+                    Ok(r) => EitherFuture::Left(std::future::ready(Ok(r))),
                     Err(mut e) => match e.take_message() {
-                        Some(unsent) => unsent,
-                        None => return Err(SendError::Http(e.into_error())),
+                        Some(unsent) => EitherFuture::Right(Box::pin(
+                            self.send_on_new(connector, limits, unsent, now),
+                        )),
+                        None => EitherFuture::Left(std::future::ready(Err(SendError::Http(
+                            e.into_error(),
+                        )))),
                     },
                 },
-                Err(req) => *req,
-            };
-            Box::pin(self.send_on_new(connector, limits, req, now)).await
+            )),
+            // Boxed: connecting is the rare case.
+            None => EitherFuture::Right(Box::pin(self.send_on_new(connector, limits, req, now))),
         }
     }
 
