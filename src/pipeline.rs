@@ -23,8 +23,8 @@ use std::sync::atomic::Ordering;
 ///
 /// An `async` block, not an `async fn`, here and in [`inner`]: an `async
 /// fn` keeps a second copy of its by-value arguments (the request) in its
-/// future, which the listener boxes and hyper moves about. It owns `app` so
-/// that its future can be that box.
+/// future, which hyper stores and moves about. It owns `app` so that the
+/// listener can hand this future to hyper as it is, with no wrapper.
 #[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn handle(
     req: Request<Incoming>,
