@@ -11,7 +11,10 @@ WORKDIR /src
 
 # Dependencies first, in their own layer: only Cargo.toml/Cargo.lock changes
 # rebuild them. A dummy lib + main stands in for the real sources.
+# .cargo/ and pgo/: release builds use the PGO profile (pgo/README.md).
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
+COPY pgo ./pgo
 RUN mkdir -p src \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
