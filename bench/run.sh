@@ -60,13 +60,8 @@ command -v python3 >/dev/null 2>&1 || { echo "python3 is required" >&2; exit 1; 
 export PATH="$PATH:/usr/sbin:/sbin"
 
 echo "building: cargo build --release (and the bare hyper proxy, examples/hyper_floor.rs)"
-# Whether pgo/rustc-wrapper will use the profile (pgo/README.md), by its rules.
-llvm=$(rustc -vV | sed -n 's/^LLVM version: //p')
-if [ "${PORTCULLIS_PGO:-on}" = off ]; then echo "PGO: off (PORTCULLIS_PGO=off)"
-elif [ ! -f pgo/portcullis.profdata ]; then echo "PGO: off (no pgo/portcullis.profdata)"
-elif [ "$llvm" != "$(cat pgo/llvm-version 2>/dev/null)" ]; then echo "PGO: off (profile made with LLVM $(cat pgo/llvm-version 2>/dev/null), this rustc has $llvm)"
-else echo "PGO: on (pgo/portcullis.profdata, LLVM $llvm)"
-fi
+# Whether release builds use the PGO profile (pgo/README.md), by the wrapper's own rules.
+pgo/rustc-wrapper --explain "$(command -v rustc)"
 cargo build --release
 cargo build --release --example hyper_floor
 target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
