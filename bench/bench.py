@@ -280,10 +280,13 @@ def median_row(runs):
 
 def print_table(rows, title):
     log(f"\n{title}")
-    log(f"  {'target':<28} {'req/s':>9} {'CPU us/req':>11} {'p50 us':>8} {'p99 us':>8} {'non-2xx':>9} {'sock err':>8}")
+    # busy: CPUs the measured process kept busy (CPU/request x req/s). Near 1.0
+    # for a one-worker process, it was the bottleneck; well below its worker
+    # count, wrk or the scheduler set the pace, not the process.
+    log(f"  {'target':<30} {'req/s':>9} {'CPU us/req':>11} {'busy':>5} {'p50 us':>8} {'p99 us':>8} {'non-2xx':>9} {'sock err':>8}")
     for name, r in rows.items():
-        log(f"  {name:<28} {r['rps']:>9.0f} {r['cpu']:>11.1f} {r['p50']:>8.0f} {r['p99']:>8.0f} "
-            f"{r['non2xx']:>9} {r['errors']:>8}")
+        log(f"  {name:<30} {r['rps']:>9.0f} {r['cpu']:>11.1f} {r['cpu'] * r['rps'] / 1e6:>5.2f} {r['p50']:>8.0f} "
+            f"{r['p99']:>8.0f} {r['non2xx']:>9} {r['errors']:>8}")
 
 
 def ratio(a, b):
@@ -587,6 +590,8 @@ def run(args, tmp, conns):
         ("portcullis mistyped key 401", f"{gw}/keyed", g.pid, [f"Authorization: Bearer {typo}"]),
         ("1 worker: plain", f"{gw1}/plain", g1.pid, []),
         ("1 worker: keyed", f"{gw1}/keyed", g1.pid, [f"Authorization: Bearer {key}"]),
+        ("1 worker: forged key 401", f"{gw1}/keyed", g1.pid, [f"Authorization: Bearer {forged}"]),
+        ("1 worker: mistyped key 401", f"{gw1}/keyed", g1.pid, [f"Authorization: Bearer {typo}"]),
     ]
     if floor:
         targets.append(("hyper floor (bare proxy)", f"http://127.0.0.1:{fl_port}/plain", floor.pid, []))
@@ -618,6 +623,12 @@ def run(args, tmp, conns):
     log(f"  CPU/request  plain / nginx          {ratio(p1['cpu'], n['cpu']):6.2f}x")
     log(f"  CPU/request  keyed / nginx          {ratio(k1['cpu'], n['cpu']):6.2f}x")
     log(f"  req/s        keyed / nginx          {ratio(k1['rps'], n['rps']):6.2f}x")
+    f1, t1 = rows["1 worker: forged key 401"], rows["1 worker: mistyped key 401"]
+    log("  refusals against a saturated gateway: one worker on one CPU, wrk and the upstream on the other")
+    log(f"  req/s        forged-key 401 / keyed {ratio(f1['rps'], k1['rps']):6.2f}x   (issue #4: >= 2)")
+    log(f"  req/s        mistyped 401 / keyed   {ratio(t1['rps'], k1['rps']):6.2f}x   (issue #4: >= 2)")
+    log(f"  CPU/request  keyed / forged, mistyped {ratio(k1['cpu'], f1['cpu']):4.2f}x, {ratio(k1['cpu'], t1['cpu']):.2f}x"
+        f"   (default workers: {ratio(k['cpu'], f['cpu']):.2f}x, {ratio(k['cpu'], t['cpu']):.2f}x)")
     na = rows[f"nginx, {cpus} workers"]
     log(f"  default against default, one worker per CPU each (nginx worker_processes {cpus}, reuseport):")
     log(f"  CPU/request  plain / nginx          {ratio(p['cpu'], na['cpu']):6.2f}x")

@@ -234,6 +234,7 @@ on_both_stores!(
     missing_key_is_401_with_www_authenticate,
     bad_checksum_is_401_invalid_api_key_without_a_store_lookup,
     unknown_key_is_401_invalid_api_key,
+    unknown_key_costs_one_store_lookup_per_negative_ttl,
     key_in_query_is_400_and_never_forwarded,
     two_different_credentials_are_400,
     disabled_key_is_401_api_key_inactive,
@@ -375,6 +376,51 @@ async fn unknown_key_is_401_invalid_api_key(b: Backend) {
     )
     .await
     .assert_error(401, "INVALID_API_KEY");
+    assert_eq!(env.forwarded(), 0);
+}
+
+/// A well-formed key the store does not hold (a forged one) is looked up
+/// once, then refused from the cache's negative entry until
+/// `cache.negative_ttl` has passed: a flood of forged keys costs no store
+/// calls in steady state.
+async fn unknown_key_costs_one_store_lookup_per_negative_ttl(b: Backend) {
+    // Long enough that the 50 calls below all land inside it.
+    let env = Env::start_with(b, "", "negative_ttl = \"1s\"").await;
+    let snap = env.gw.app().snapshot();
+    let (ghost, _) = snap
+        .config
+        .key_format
+        .generate("secret", Environment::Live)
+        .unwrap();
+    let before = env.lookups();
+    for _ in 0..50 {
+        env.call(
+            "POST",
+            "/v1/sms/send",
+            &[("authorization", &bearer(&ghost))],
+        )
+        .await
+        .assert_error(401, "INVALID_API_KEY");
+    }
+    assert_eq!(env.lookups(), before + 1, "50 refusals, one store lookup");
+    // Past the negative TTL the store is asked again (once), so a key
+    // created meanwhile is not refused for longer than that.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let again = env.lookups();
+    for _ in 0..10 {
+        env.call(
+            "POST",
+            "/v1/sms/send",
+            &[("authorization", &bearer(&ghost))],
+        )
+        .await
+        .assert_error(401, "INVALID_API_KEY");
+    }
+    assert_eq!(
+        env.lookups(),
+        again + 1,
+        "one lookup after the negative TTL"
+    );
     assert_eq!(env.forwarded(), 0);
 }
 
