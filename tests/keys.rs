@@ -186,6 +186,63 @@ impl Env {
         self.call("GET", path, headers).await
     }
 
+    /// On Redis, returns once this gateway's key-change subscription is up
+    /// and its first flush applied (a no-op on SQLite). A subscription
+    /// that completes late flushes the cache, which would blur a test that
+    /// counts lookups. Redis must list the subscriber first, so that the
+    /// probe key's change is not published to no one; the probe is cached
+    /// here and revoked in the store only, so only the subscription can
+    /// drop it, and its event queues behind the flush.
+    async fn wait_until_subscribed(&self) {
+        let Some(redis) = &self.redis else { return };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let subscribers = || {
+            let reply = redis.command(&["PUBSUB", "NUMSUB", portcullis::keys::redis::CHANNEL]);
+            // `*2 $15 portcullis:keys :N`: subscribed when the count is not 0.
+            reply.is_some_and(|r| {
+                r.lines()
+                    .last()
+                    .and_then(|l| l.strip_prefix(':'))
+                    .is_some_and(|n| n != "0")
+            })
+        };
+        while !tokio::task::block_in_place(subscribers) {
+            assert!(
+                Instant::now() < deadline,
+                "the key-change subscription never came up"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (probe, secret) = self.key(&["sms.send"]).await;
+        let auth = bearer(&secret);
+        let send = || async {
+            self.call("POST", "/v1/sms/send", &[("authorization", &auth)])
+                .await
+        };
+        assert_eq!(send().await.status, 200, "the probe key works");
+        ops::revoke(self.gw.app().keys.store(), &probe.id)
+            .await
+            .expect("revoke the probe");
+        while send().await.status != 401 {
+            assert!(
+                Instant::now() < deadline,
+                "the probe's revocation never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A well-formed live secret (valid prefix and checksum) that no store holds.
+    fn forged_secret(&self) -> String {
+        let snap = self.gw.app().snapshot();
+        let (secret, _) = snap
+            .config
+            .key_format
+            .generate("secret", Environment::Live)
+            .unwrap();
+        secret
+    }
+
     fn lookups(&self) -> u64 {
         self.gw.app().keys.stats.lookups.load(Ordering::SeqCst)
     }
@@ -363,12 +420,7 @@ async fn unknown_key_is_401_invalid_api_key(b: Backend) {
     .assert_error(401, "INVALID_API_KEY");
     assert_eq!(env.lookups(), before, "no store lookup for junk");
     // Well formed (valid checksum) but in no store.
-    let snap = env.gw.app().snapshot();
-    let (ghost, _) = snap
-        .config
-        .key_format
-        .generate("secret", Environment::Live)
-        .unwrap();
+    let ghost = env.forged_secret();
     env.call(
         "POST",
         "/v1/sms/send",
@@ -386,42 +438,32 @@ async fn unknown_key_is_401_invalid_api_key(b: Backend) {
 async fn unknown_key_costs_one_store_lookup_per_negative_ttl(b: Backend) {
     // Long enough that the 50 calls below all land inside it.
     let env = Env::start_with(b, "", "negative_ttl = \"1s\"").await;
-    let snap = env.gw.app().snapshot();
-    let (ghost, _) = snap
-        .config
-        .key_format
-        .generate("secret", Environment::Live)
-        .unwrap();
-    let before = env.lookups();
-    for _ in 0..50 {
-        env.call(
-            "POST",
-            "/v1/sms/send",
-            &[("authorization", &bearer(&ghost))],
-        )
-        .await
-        .assert_error(401, "INVALID_API_KEY");
-    }
+    env.wait_until_subscribed().await;
+    let ghost = env.forged_secret();
+    let refuse = |n: usize| {
+        let (env, ghost) = (&env, &ghost);
+        async move {
+            for _ in 0..n {
+                env.call("POST", "/v1/sms/send", &[("authorization", &bearer(ghost))])
+                    .await
+                    .assert_error(401, "INVALID_API_KEY");
+            }
+        }
+    };
+    let (before, forwarded) = (env.lookups(), env.forwarded());
+    refuse(50).await;
     assert_eq!(env.lookups(), before + 1, "50 refusals, one store lookup");
     // Past the negative TTL the store is asked again (once), so a key
     // created meanwhile is not refused for longer than that.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let again = env.lookups();
-    for _ in 0..10 {
-        env.call(
-            "POST",
-            "/v1/sms/send",
-            &[("authorization", &bearer(&ghost))],
-        )
-        .await
-        .assert_error(401, "INVALID_API_KEY");
-    }
+    refuse(10).await;
     assert_eq!(
         env.lookups(),
         again + 1,
         "one lookup after the negative TTL"
     );
-    assert_eq!(env.forwarded(), 0);
+    assert_eq!(env.forwarded(), forwarded, "no refusal was forwarded");
 }
 
 async fn key_in_query_is_400_and_never_forwarded(b: Backend) {
