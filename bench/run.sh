@@ -21,7 +21,7 @@
 #
 # Installs nginx and wrk (and redis-server/redis-tools for --redis) with apt-get
 # when they are missing, builds `cargo build --release`, needs python3.
-# Takes about 2 minutes (4 with --redis). Best run on an otherwise idle machine;
+# Takes about 3 minutes (5 with --redis). Best run on an otherwise idle machine;
 # the client (wrk) shares the CPUs with the servers, so compare ratios, not
 # absolute numbers, across machines.
 set -euo pipefail
