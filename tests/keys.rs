@@ -195,8 +195,8 @@ impl Env {
     /// drop it, and its event queues behind the flush.
     async fn wait_until_subscribed(&self) {
         let Some(redis) = &self.redis else { return };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let subscribers = || {
+        let timeout = Duration::from_secs(10);
+        let subscribed = || {
             let reply = redis.command(&["PUBSUB", "NUMSUB", portcullis::keys::redis::CHANNEL]);
             // `*2 $15 portcullis:keys :N`: subscribed when the count is not 0.
             reply.is_some_and(|r| {
@@ -206,30 +206,25 @@ impl Env {
                     .is_some_and(|n| n != "0")
             })
         };
-        while !tokio::task::block_in_place(subscribers) {
-            assert!(
-                Instant::now() < deadline,
-                "the key-change subscription never came up"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually("the key-change subscription", timeout, || async {
+            tokio::task::block_in_place(subscribed)
+        })
+        .await;
         let (probe, secret) = self.key(&["sms.send"]).await;
         let auth = bearer(&secret);
         let send = || async {
             self.call("POST", "/v1/sms/send", &[("authorization", &auth)])
                 .await
+                .status
         };
-        assert_eq!(send().await.status, 200, "the probe key works");
+        assert_eq!(send().await, 200, "the probe key works");
         ops::revoke(self.gw.app().keys.store(), &probe.id)
             .await
             .expect("revoke the probe");
-        while send().await.status != 401 {
-            assert!(
-                Instant::now() < deadline,
-                "the probe's revocation never arrived"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually("the probe's revocation", timeout, || async {
+            send().await == 401
+        })
+        .await;
     }
 
     /// A well-formed live secret (valid prefix and checksum) that no store holds.
