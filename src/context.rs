@@ -14,6 +14,68 @@ use std::time::Instant;
 /// upstream, or a small body the gateway made itself.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 
+/// Told by a request's body when the client's last body byte has been read,
+/// so that the connection knows the request is over on the wire (see
+/// [`RequestBody`]). `seq` is the request's number on its connection.
+pub trait BodyEnded: Send + Sync {
+    /// The body of request `seq` has been read to its end.
+    fn body_ended(&self, seq: u64);
+}
+
+/// A request's body as the stages see it: the client's bytes as hyper
+/// decodes them, which tells its connection once they have all been read.
+/// An HTTP/1.1 connection may set its parser aside between requests
+/// (`listener`), and only hyper knows where a body ends: until then the
+/// request is not over, even when its response is.
+pub struct RequestBody {
+    inner: Incoming,
+    end: Option<(Arc<dyn BodyEnded>, u64)>,
+}
+
+impl RequestBody {
+    /// The client's body; `end` (the connection and the request's number on
+    /// it) is told when it has been read to its end.
+    pub fn new(inner: Incoming, end: Option<(Arc<dyn BodyEnded>, u64)>) -> Self {
+        RequestBody { inner, end }
+    }
+
+    fn ended(&mut self) {
+        if let Some((conn, seq)) = self.end.take() {
+            conn.body_ended(seq);
+        }
+    }
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            std::task::Poll::Ready(None) => self.ended(),
+            std::task::Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.ended(),
+            _ => {}
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestBody")
+    }
+}
+
 /// A response body the gateway made itself.
 pub fn full_body(b: impl Into<Bytes>) -> ResponseBody {
     Either::Right(Full::new(b.into()))
@@ -29,6 +91,9 @@ pub struct ConnInfo {
     /// Whether the connection's bytes showed a request head with both
     /// `Content-Length` and `Transfer-Encoding` (hyper hides that conflict).
     pub framing_conflict: bool,
+    /// Whether the connection's bytes showed a request line with a raw `#`
+    /// (hyper drops a fragment from the target without a trace).
+    pub target_fragment: bool,
 }
 
 /// A request id: the client's well-formed `X-Request-Id`, or one the gateway

@@ -3,7 +3,7 @@
 //! one canonical path that the router matches, auth authorises and the
 //! proxy forwards. Never looks at credentials or the store.
 
-use crate::context::{Seen, hop_by_hop};
+use crate::context::{ConnInfo, Seen, hop_by_hop};
 use crate::error::GatewayError;
 use http::{HeaderMap, Method, Request, Version};
 
@@ -54,17 +54,23 @@ pub fn scan(h: &HeaderMap) -> Seen {
     seen
 }
 
-/// Checks framing and the request target; returns the canonical path
-/// (`.`/`..` resolved, `//` merged; the query is not part of it). `seen` is
+/// Checks framing and the request target; returns the canonical path (see
+/// [`canonical_path`]; the query is not part of it). `seen` is
 /// [`scan`] of the request's headers.
 pub fn check<B>(
     req: &Request<B>,
     seen: Seen,
-    framing_conflict: bool,
+    conn: &ConnInfo,
+    allow_path_parameters: bool,
 ) -> Result<String, GatewayError> {
-    if framing_conflict {
+    if conn.framing_conflict {
         return Err(GatewayError::BadRequest(
             "ambiguous framing: Content-Length with Transfer-Encoding, or twice",
+        ));
+    }
+    if conn.target_fragment {
+        return Err(GatewayError::BadRequest(
+            "a fragment (#) in the request target",
         ));
     }
     check_framing(seen, req.version())?;
@@ -77,7 +83,7 @@ pub fn check<B>(
     if req.method() == Method::CONNECT {
         return Err(GatewayError::BadRequest("CONNECT is not supported"));
     }
-    canonical_path(uri.path())
+    canonical_path(uri.path(), allow_path_parameters)
 }
 
 fn check_framing(seen: Seen, version: Version) -> Result<(), GatewayError> {
@@ -112,25 +118,140 @@ fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
-/// The canonical form of a request path, or 400 for what must not be
-/// forwarded: control characters, `\`, malformed or forbidden percent
-/// escapes (`%2F %5C %00 %2E`), and dot segments that climb above the root.
-pub fn canonical_path(path: &str) -> Result<String, GatewayError> {
+/// What a byte of a request path is to the canonicaliser.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Stays as it is: `/`, unreserved characters, sub-delimiters but `;`,
+    /// `:` and `@` (RFC 3986 `pchar`).
+    Plain,
+    /// `%`: an escape to decode or normalise.
+    Escape,
+    /// `;`: a path parameter (refused unless allowed).
+    Semicolon,
+    /// Allowed by the HTTP parser but not raw in a path (`"`, `{`, bytes
+    /// above ASCII, …): written as an escape.
+    Encode,
+    /// Never forwarded: control characters, space, `\`, `#`.
+    Refuse,
+}
+
+const fn classes() -> [Class; 256] {
+    let mut t = [Class::Encode; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        t[i] = if c.is_ascii_alphanumeric() {
+            Class::Plain
+        } else {
+            match c {
+                b'/' | b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')'
+                | b'*' | b'+' | b',' | b'=' | b':' | b'@' => Class::Plain,
+                b'%' => Class::Escape,
+                b';' => Class::Semicolon,
+                b'\\' | b'#' | 0x7f => Class::Refuse,
+                0..=0x20 => Class::Refuse,
+                _ => Class::Encode,
+            }
+        };
+        i += 1;
+    }
+    t
+}
+
+static CLASS: [Class; 256] = classes();
+
+/// Whether a byte is an unreserved character (RFC 3986 §2.3), whose escape
+/// means the same as the byte itself.
+fn unreserved(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')
+}
+
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
+fn push_escape(out: &mut Vec<u8>, c: u8) {
+    out.extend_from_slice(&[
+        b'%',
+        HEX_UPPER[usize::from(c >> 4)],
+        HEX_UPPER[usize::from(c & 15)],
+    ]);
+}
+
+/// The canonical form of a request path (RFC 3986 §6.2.2), the one spelling
+/// that is routed, authorised, rate-limited, logged and forwarded:
+///
+/// - escapes of unreserved characters decoded (`%61` is `a`), other escapes
+///   in upper-case hex (`%3a` is `%3A`), bytes that may not stand raw in a
+///   path escaped (`{` is `%7B`, `é` is `%C3%A9`);
+/// - `.` and `..` segments resolved and `//` merged.
+///
+/// Refused with 400: a target that is not an absolute path; control
+/// characters, space, `\` and `#`; malformed escapes and escapes of `/`,
+/// `\`, `.`, NUL or control characters (a decoder behind the gateway would
+/// read another path than the one routed); `..` climbing above the root; and
+/// a `;` (path parameters, which Tomcat and Spring strip before routing)
+/// unless `allow_params`, in which case a segment that is `.` or `..` once
+/// its parameters are stripped is refused.
+///
+/// Idempotent: the canonical form of a canonical path is itself.
+pub fn canonical_path(path: &str, allow_params: bool) -> Result<String, GatewayError> {
     let b = path.as_bytes();
     if b.first() != Some(&b'/') {
         return Err(GatewayError::BadRequest(
             "the request target must be an absolute path",
         ));
     }
-    let mut i = 0;
+    // One sweep decides whether the path is already canonical, as nearly
+    // all are.
     let mut simple = true;
-    while i < b.len() {
-        match b[i] {
-            c if c < 0x21 || c == 0x7f => {
-                return Err(GatewayError::BadRequest("control character in the path"));
+    for (i, &c) in b.iter().enumerate() {
+        match CLASS[usize::from(c)] {
+            Class::Plain => {
+                let dot_or_slash = match c {
+                    b'/' => b.get(i + 1) == Some(&b'/'),
+                    b'.' => {
+                        b[i - 1] == b'/' && matches!(b.get(i + 1), None | Some(b'/' | b'.' | b';'))
+                    }
+                    _ => false,
+                };
+                if dot_or_slash {
+                    simple = false;
+                }
             }
-            b'\\' => return Err(GatewayError::BadRequest("backslash in the path")),
-            b'%' => {
+            Class::Refuse => return Err(refused(c)),
+            Class::Semicolon if !allow_params => {
+                return Err(GatewayError::BadRequest(
+                    "path parameters (;) are not accepted in the path",
+                ));
+            }
+            Class::Semicolon => {}
+            Class::Escape | Class::Encode => simple = false,
+        }
+    }
+    if simple {
+        return Ok(path.to_string());
+    }
+    let normal = normalise_bytes(b)?;
+    resolve_dots(&normal, allow_params)
+}
+
+fn refused(c: u8) -> GatewayError {
+    GatewayError::BadRequest(match c {
+        b'\\' => "backslash in the path",
+        b'#' => "a fragment (#) in the request target",
+        _ => "control character or space in the path",
+    })
+}
+
+/// Escapes decoded or normalised and raw bytes escaped (see
+/// [`canonical_path`]); `;` and refused bytes were ruled out by the caller's
+/// sweep.
+fn normalise_bytes(b: &[u8]) -> Result<Vec<u8>, GatewayError> {
+    let mut out = Vec::with_capacity(b.len() + 8);
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match CLASS[usize::from(c)] {
+            Class::Escape => {
                 let (Some(h), Some(l)) = (
                     b.get(i + 1).and_then(|c| hex(*c)),
                     b.get(i + 2).and_then(|c| hex(*c)),
@@ -139,30 +260,46 @@ pub fn canonical_path(path: &str) -> Result<String, GatewayError> {
                         "malformed percent-encoding in the path",
                     ));
                 };
-                let decoded = h * 16 + l;
-                if matches!(decoded, b'/' | b'\\' | 0 | b'.') || decoded < 0x20 || decoded == 0x7f {
+                let d = h * 16 + l;
+                if matches!(d, b'/' | b'\\' | b'.') || d < 0x20 || d == 0x7f {
                     return Err(GatewayError::BadRequest(
                         "encoded /, \\, . or control character in the path",
                     ));
                 }
+                if unreserved(d) {
+                    out.push(d);
+                } else {
+                    push_escape(&mut out, d);
+                }
                 i += 3;
                 continue;
             }
-            b'/' if b.get(i + 1) == Some(&b'/') => simple = false,
-            b'.' if b[i - 1] == b'/' && matches!(b.get(i + 1), None | Some(b'/') | Some(b'.')) => {
-                simple = false
-            }
-            _ => {}
+            Class::Encode => push_escape(&mut out, c),
+            _ => out.push(c),
         }
         i += 1;
     }
-    if simple {
-        // The common case: nothing to rewrite.
-        return Ok(path.to_string());
-    }
+    Ok(out)
+}
+
+/// `.` and `..` segments resolved, empty segments merged; a trailing `/`
+/// (or a path ending in a dot segment) keeps its trailing `/`.
+fn resolve_dots(b: &[u8], allow_params: bool) -> Result<String, GatewayError> {
+    // Only ASCII is left: every other byte was escaped.
+    let path = std::str::from_utf8(b)
+        .map_err(|_| GatewayError::BadRequest("malformed percent-encoding in the path"))?;
     let mut out: Vec<&str> = Vec::new();
     let trailing = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
     for seg in path.split('/') {
+        if allow_params {
+            // `..;x` is `..` to a server that strips parameters.
+            let bare = seg.split(';').next().unwrap_or(seg);
+            if bare != seg && (bare == "." || bare == "..") {
+                return Err(GatewayError::BadRequest(
+                    "a dot segment with path parameters",
+                ));
+            }
+        }
         match seg {
             "" | "." => {}
             ".." => {
@@ -189,11 +326,11 @@ mod tests {
     use super::*;
 
     fn ok(p: &str) -> String {
-        canonical_path(p).unwrap()
+        canonical_path(p, false).unwrap()
     }
 
     fn bad(p: &str) -> bool {
-        matches!(canonical_path(p), Err(GatewayError::BadRequest(_)))
+        matches!(canonical_path(p, false), Err(GatewayError::BadRequest(_)))
     }
 
     #[test]
@@ -204,7 +341,52 @@ mod tests {
         assert_eq!(ok("/"), "/");
         assert_eq!(ok("//"), "/");
         assert_eq!(ok("/a/.hidden/..x"), "/a/.hidden/..x");
-        assert_eq!(ok("/v1/sms/%41b"), "/v1/sms/%41b");
+        assert_eq!(ok("/v1/sms/%41b"), "/v1/sms/Ab");
+    }
+
+    #[test]
+    fn decodes_unreserved_escapes_and_upper_cases_the_rest() {
+        assert_eq!(ok("/v1/users/%61dmin"), "/v1/users/admin");
+        assert_eq!(ok("/v1/%7Eme/%2d%5F"), "/v1/~me/-_");
+        assert_eq!(ok("/a%3ab%40c%25d%3f"), "/a%3Ab%40c%25d%3F");
+        assert_eq!(
+            ok("/a%3Bb"),
+            "/a%3Bb",
+            "an escaped ; is data, not a parameter"
+        );
+        assert_eq!(ok("/caf%c3%a9"), "/caf%C3%A9");
+        assert_eq!(ok("/caf\u{e9}"), "/caf%C3%A9");
+        assert_eq!(ok("/a{b}|c\"d"), "/a%7Bb%7D%7Cc%22d");
+        assert_eq!(ok("/a/%62/../c//%64/"), "/a/c/d/");
+        assert_eq!(ok("/x:y@z!$&'()*+,="), "/x:y@z!$&'()*+,=");
+    }
+
+    #[test]
+    fn canonical_form_is_a_fixed_point() {
+        for p in [
+            "/v1/users/%61dmin",
+            "/a%3ab%40c%25d",
+            "/caf\u{e9}/./x/../y//",
+            "/a{b}",
+            "/%7e%7E/~",
+        ] {
+            let c = ok(p);
+            assert_eq!(ok(&c), c, "{p}");
+        }
+    }
+
+    #[test]
+    fn path_parameters_are_refused_unless_allowed() {
+        assert!(bad("/v1/users/admin;x=1"));
+        assert!(bad("/v1/users;/admin"));
+        let allowed = |p| canonical_path(p, true);
+        assert_eq!(
+            allowed("/v1/users/admin;x=1").unwrap(),
+            "/v1/users/admin;x=1"
+        );
+        assert_eq!(allowed("/a/b;v=1/../c").unwrap(), "/a/c");
+        assert!(allowed("/a/..;x/b").is_err(), "`..;x` is `..` to Tomcat");
+        assert!(allowed("/a/.;x/b").is_err());
     }
 
     #[test]
@@ -221,6 +403,11 @@ mod tests {
         assert!(bad("/a%4"));
         assert!(bad("/a\x01b"));
         assert!(bad("*"));
+        assert!(bad("/a b"));
+        assert!(bad("/a#b"));
+        assert!(bad("/a%2e/b"));
+        assert!(bad("/a%7F"));
+        assert!(bad("/a%1f"));
     }
 
     fn req(headers: &[(&str, &str)], version: Version, uri: &str) -> Request<()> {
@@ -232,7 +419,13 @@ mod tests {
     }
 
     fn check_<B>(r: &Request<B>) -> Result<String, GatewayError> {
-        check(r, scan(r.headers()), false)
+        let conn = ConnInfo {
+            peer: ([127, 0, 0, 1], 1).into(),
+            tls: false,
+            framing_conflict: false,
+            target_fragment: false,
+        };
+        check(r, scan(r.headers()), &conn, false)
     }
 
     #[test]

@@ -7,13 +7,12 @@
 use crate::auth::{self, AuthInput};
 use crate::config::{AuthMode, Config, Limit, Route};
 use crate::context::{
-    ConnInfo, RateVerdict, RequestCtx, RequestId, ResponseBody, Seen, full_body, names,
+    ConnInfo, RateVerdict, RequestBody, RequestCtx, RequestId, ResponseBody, Seen, full_body, names,
 };
 use crate::error::{ErrorSource, GatewayError};
 use crate::ratelimit::{Decision, LimitRequest};
 use crate::server::{App, Snapshot};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -27,7 +26,7 @@ use std::sync::atomic::Ordering;
 /// listener can hand this future to hyper as it is, with no wrapper.
 #[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn handle(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     conn: ConnInfo,
     app: Arc<App>,
 ) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
@@ -73,14 +72,15 @@ pub fn handle(
 /// The straight run of stages; any `?` ends the request with that error.
 #[allow(clippy::manual_async_fn)] // on purpose: see `handle`
 fn inner<'a>(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     ctx: &'a mut RequestCtx,
     snap: &'a Arc<Snapshot>,
     app: &'a App,
 ) -> impl Future<Output = Result<Response<ResponseBody>, GatewayError>> + Send + 'a {
     async move {
         let cfg = &snap.config;
-        ctx.path = crate::guard::check(&req, ctx.seen, ctx.conn.framing_conflict)?;
+        ctx.path =
+            crate::guard::check(&req, ctx.seen, &ctx.conn, cfg.server.allow_path_parameters)?;
         auth::check_query(req.uri().query(), cfg)?;
 
         if cfg.self_service && crate::admin::self_service::handles(&ctx.path) {
@@ -209,7 +209,11 @@ pub async fn enforce_limits(
 
 /// A browser's CORS preflight for a route that allows public keys: answered
 /// here, without a key (browsers send none on preflight).
-fn preflight(req: &Request<Incoming>, path: &str, cfg: &Config) -> Option<Response<ResponseBody>> {
+fn preflight(
+    req: &Request<RequestBody>,
+    path: &str,
+    cfg: &Config,
+) -> Option<Response<ResponseBody>> {
     if req.method() != Method::OPTIONS {
         return None;
     }

@@ -49,11 +49,15 @@ pub fn check_pattern(path: &str) -> Result<(), String> {
                 ));
             };
             check_name(path, name)?;
-        } else if seg.contains(['{', '}', '*', '?', '#', '%', '\\'])
-            || seg.bytes().any(|c| c <= b' ' || c == 0x7f)
+        } else if !seg
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~'))
         {
+            // Only unreserved characters: requests are matched in their
+            // canonical form, where any other character may stand escaped,
+            // and an upstream decodes both spellings alike.
             return Err(format!(
-                "path {path:?}: segment {seg:?} has a character that is not allowed in a route path"
+                "path {path:?}: segment {seg:?} may hold only letters, digits, -, ., _ and ~"
             ));
         } else if *seg == "." || *seg == ".." {
             return Err(format!("path {path:?} must not contain . or .. segments"));

@@ -1030,7 +1030,8 @@ async fn guard_forwards_one_canonical_path() {
         ("/v1/x/../echo/z", "/v1/echo/z"),
         ("/v1/echo/a//b///c", "/v1/echo/a/b/c"),
         ("/v1/echo/a/b/..", "/v1/echo/a/"),
-        ("/v1/echo/%41b", "/v1/echo/%41b"),
+        ("/v1/echo/%41b", "/v1/echo/Ab"),
+        ("/v1/echo/a%3ab%7e", "/v1/echo/a%3Ab~"),
     ];
     for (sent, forwarded) in cases {
         let r = raw_request(

@@ -9,7 +9,6 @@ use crate::keys::{KeyRecord, StoreError};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -242,7 +241,11 @@ pub fn record_json(rec: &KeyRecord, secret: Option<&str>) -> Value {
 }
 
 /// Reads a request body of at most [`MAX_BODY_BYTES`] (413 past it).
-pub async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
+pub async fn read_body<B>(headers: &HeaderMap, body: B) -> Result<Bytes, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

@@ -16,12 +16,12 @@ use super::http::{ApiError, Reply, parse_json, parse_list_query, plausible_id, r
 use super::ops::{self, NewKey};
 use crate::auth::{self, AuthInput};
 use crate::config::{AuthMode, Config, Route};
+use crate::context::RequestBody;
 use crate::context::{RequestCtx, ResponseBody};
 use crate::error::GatewayError;
 use crate::keys::{Environment, KeyRecord};
 use crate::server::App;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 
@@ -87,7 +87,7 @@ fn endpoint(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {
 
 /// Serves a self-service request.
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     ctx: &mut RequestCtx,
     cfg: &Config,
     app: &App,
@@ -151,7 +151,7 @@ async fn create(
     cfg: &Config,
     caller: &KeyRecord,
     headers: &http::HeaderMap,
-    body: Incoming,
+    body: RequestBody,
     actor: &Actor<'_>,
 ) -> Result<Reply, ApiError> {
     let bytes = read_body(headers, body).await?;

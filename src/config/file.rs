@@ -66,6 +66,8 @@ pub struct ServerFile {
     pub shutdown_grace: Option<Duration>,
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub allow_path_parameters: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

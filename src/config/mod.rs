@@ -103,6 +103,10 @@ pub struct Server {
     pub shutdown_grace: Duration,
     /// Peers whose `X-Forwarded-For` is believed (default none).
     pub trusted_proxies: Vec<IpNet>,
+    /// Whether a `;` (path parameters, as Tomcat and Spring read them) may
+    /// appear in a request path; routes then match with the parameters in
+    /// place. Default false: such a path is refused with 400.
+    pub allow_path_parameters: bool,
 }
 
 /// `[admin]`: the admin listener.
@@ -572,6 +576,7 @@ impl Validator<'_> {
             http2_max_concurrent_streams: s.http2_max_concurrent_streams.unwrap_or(100).max(1),
             shutdown_grace: dur(s.shutdown_grace, "30s"),
             trusted_proxies,
+            allow_path_parameters: s.allow_path_parameters.unwrap_or(false),
         };
         // [admin]
         let a = f.admin.unwrap_or(AdminFile {

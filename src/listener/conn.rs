@@ -8,7 +8,7 @@
 //! as nginx does, instead of tens of KiB.
 
 use super::io::{ConnIo, ConnShared, InFlight, Socket};
-use crate::context::{ConnInfo, ResponseBody};
+use crate::context::{BodyEnded, ConnInfo, RequestBody, ResponseBody};
 use crate::server::App;
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -153,8 +153,11 @@ pub async fn serve<I: Socket>(
 }
 
 /// Serves HTTP/1.1 requests on `io` with one hyper session until the
-/// connection closes (`None`) or goes idle: then the session is taken apart
-/// and the stream comes back with any partial request head hyper had read.
+/// connection closes (`None`) or goes idle between messages (every request
+/// read to its end, every response written and flushed): then the session
+/// is taken apart and the stream comes back with any partial request head
+/// hyper had read of the next request. Parking never happens inside a
+/// message, so a fresh session reads the same requests hyper would have.
 /// The builder and service are made here, not kept by the connection, so
 /// a parked connection holds neither.
 async fn session<I: Socket>(
@@ -184,6 +187,8 @@ async fn session<I: Socket>(
     let mut tick_armed = false;
     let mut seen_activity = shared.activity();
     let mut seen_requests = shared.requests();
+    // When bytes last moved, as of the last tick.
+    let mut quiet_since = Instant::now();
     let mut draining = false;
     loop {
         tokio::select! {
@@ -215,16 +220,28 @@ async fn session<I: Socket>(
                 }
                 let now = Instant::now();
                 let (activity, requests) = (shared.activity(), shared.requests());
+                if activity != seen_activity {
+                    quiet_since = now;
+                }
                 if shared.busy() || requests != seen_requests {
                     *head_since = None;
+                } else if !shared.bodies_read() {
+                    // A request body is still arriving though its response
+                    // is over (an upstream that answered early). Only hyper
+                    // knows where that body ends, so its state stays: the
+                    // connection is not parked, and closes once quiet for
+                    // the keep-alive time.
+                    *head_since = None;
+                    if now >= quiet_since + limits.keepalive {
+                        tracing::debug!(peer = %conn.peer, "request body stalled");
+                        return None;
+                    }
                 } else if head_since.is_some_and(|t| now >= t + limits.header_read) {
                     // Bytes keep trickling in but no request head completes.
                     tracing::debug!(peer = %conn.peer, "request head timed out");
                     return None;
                 } else if activity == seen_activity {
-                    // Quiet for a whole tick. One edge: a client that stalls
-                    // mid-body after the upstream already answered would have
-                    // the rest of its body read as a new request (400, close).
+                    // Quiet for a whole tick, between messages: park.
                     break;
                 } else {
                     head_since.get_or_insert(now);
@@ -262,9 +279,14 @@ fn service(
     let shared = shared.clone();
     let app = app.clone();
     service_fn(move |req: Request<Incoming>| {
-        let guard = shared.start_request(!hyper::body::Body::is_end_stream(req.body()));
+        let has_body = !hyper::body::Body::is_end_stream(req.body());
+        let (guard, seq) = shared.start_request(has_body);
+        // Only a body still to read needs to say when it ends.
+        let end = has_body.then(|| (shared.clone() as Arc<dyn BodyEnded>, seq));
+        let req = req.map(|body| RequestBody::new(body, end));
         let conn = ConnInfo {
             framing_conflict: shared.framing_conflict.load(Ordering::Relaxed),
+            target_fragment: shared.target_fragment.load(Ordering::Relaxed),
             ..conn
         };
         // Not boxed: hyper keeps the request future in a box of its own,

@@ -17,6 +17,9 @@ use tokio::net::TcpStream;
 pub struct ConnShared {
     /// Set once a conflicting request head was seen on this connection.
     pub framing_conflict: AtomicBool,
+    /// Set once a request line with a raw `#` was seen on this connection
+    /// (hyper's URI parser drops a fragment without a trace).
+    pub target_fragment: AtomicBool,
     /// Bumped by every read that returned bytes and every write.
     activity: AtomicU64,
     /// Bytes were written that a flush has not yet confirmed.
@@ -27,8 +30,9 @@ pub struct ConnShared {
     requests: AtomicU64,
     /// The last read of the socket found nothing to read.
     read_blocked: AtomicBool,
-    /// The last request started had a body (which may still be arriving).
-    had_body: AtomicBool,
+    /// The highest request number whose body has been read to its end (or
+    /// that had none). Equal to `requests` when no body is left to read.
+    body_done: AtomicU64,
 }
 
 impl ConnShared {
@@ -47,22 +51,45 @@ impl ConnShared {
         self.in_flight.load(Ordering::Relaxed) > 0 || self.dirty.load(Ordering::Relaxed)
     }
 
-    /// Whether hyper is, as far as its IO shows, waiting for the next
-    /// request: nothing in flight, everything flushed, and its last read
-    /// found no bytes after a request that had no body to finish reading.
-    pub fn waiting(&self) -> bool {
-        !self.busy()
-            && self.read_blocked.load(Ordering::Relaxed)
-            && !self.had_body.load(Ordering::Relaxed)
+    /// Whether every request body started on this connection has been read
+    /// to its end, as hyper decoded it. A response can be over while its
+    /// request's body is still arriving (an upstream that answers early).
+    pub fn bodies_read(&self) -> bool {
+        self.body_done.load(Ordering::Relaxed) == self.requests.load(Ordering::Relaxed)
     }
 
-    /// Marks a request as started; the guard marks it finished when dropped
-    /// (with the response body, or with the request if it is abandoned).
-    pub fn start_request(self: &Arc<Self>, has_body: bool) -> InFlight {
-        self.had_body.store(has_body, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
+    /// Whether the connection is between messages: every request read to
+    /// its end and every response written and flushed. Only then may
+    /// hyper's state be set aside without changing what the bytes mean.
+    pub fn between_messages(&self) -> bool {
+        !self.busy() && self.bodies_read()
+    }
+
+    /// Whether hyper is, as far as its IO shows, waiting for the next
+    /// request: between messages, and its last read found no bytes.
+    pub fn waiting(&self) -> bool {
+        self.between_messages() && self.read_blocked.load(Ordering::Relaxed)
+    }
+
+    /// Marks a request as started and returns its number on the connection;
+    /// the guard marks it finished when dropped (with the response body, or
+    /// with the request if it is abandoned). A request without a body is
+    /// read to its end already; one with a body is when
+    /// [`BodyEnded::body_ended`] is told so.
+    pub fn start_request(self: &Arc<Self>, has_body: bool) -> (InFlight, u64) {
+        let seq = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if !has_body {
+            self.body_done.fetch_max(seq, Ordering::Relaxed);
+        }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        (InFlight(self.clone()), seq)
+    }
+}
+
+impl crate::context::BodyEnded for ConnShared {
+    fn body_ended(&self, seq: u64) {
+        // A maximum: a late word about an earlier request changes nothing.
+        self.body_done.fetch_max(seq, Ordering::Relaxed);
     }
 }
 
@@ -167,6 +194,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
             if me.sniffer.scan(&buf.filled()[before..]) {
                 me.shared.framing_conflict.store(true, Ordering::Relaxed);
             }
+            if me.sniffer.fragment {
+                me.shared.target_fragment.store(true, Ordering::Relaxed);
+            }
         }
         r
     }
@@ -243,6 +273,10 @@ pub struct FramingSniffer {
     body: Body,
     started: bool,
     done: bool,
+    /// The current line is a request line (a head's first line).
+    request_line: bool,
+    /// A request line held a raw `#`.
+    pub fragment: bool,
 }
 
 /// Bytes of a line kept: enough for `Content-Length:` with any value, and
@@ -390,6 +424,7 @@ impl FramingSniffer {
             && self.body == Body::Head
             && !self.head.started
             && bytes.ends_with(b"\r\n\r\n")
+            && memchr::memchr(b'#', bytes).is_none()
             && !is_framing_line(bytes)
             && memchr::memchr_iter(b'\n', &bytes[..bytes.len() - 1])
                 .all(|i| !is_framing_line(&bytes[i + 1..]))
@@ -432,6 +467,9 @@ impl FramingSniffer {
                 Some(i) => (&rest[..i], Some(&rest[i + 1..])),
                 None => (rest, None),
             };
+            if self.request_line && memchr::memchr(b'#', part).is_some() {
+                self.fragment = true;
+            }
             if !self.skipping {
                 if self.line_len == 0
                     && self.body == Body::Head
@@ -440,6 +478,10 @@ impl FramingSniffer {
                         .is_some_and(|b| !matches!(b, b'c' | b'C' | b't' | b'T' | b'\r'))
                 {
                     // The request line, `Host:` and most others.
+                    if !self.head.started {
+                        self.request_line = true;
+                        self.fragment |= memchr::memchr(b'#', part).is_some();
+                    }
                     self.skipping = true;
                     self.head.started = true;
                 } else {
@@ -451,6 +493,7 @@ impl FramingSniffer {
                 }
             }
             let Some(next) = next else { break };
+            self.request_line = false;
             if self.skipping {
                 // Neither blank nor framing: the head's state is unchanged.
                 self.skipping = false;
@@ -498,6 +541,35 @@ mod tests {
         assert!(!s.scan(rest));
         // A body that reads like a conflicting head is skipped, not read.
         assert!(!s.scan(b"Content-Length: 1\r\nContent-Length: 2\r\n"));
+    }
+
+    #[test]
+    fn sniffer_sees_a_raw_fragment_in_a_request_line_only() {
+        let mut s = FramingSniffer::default();
+        assert!(!s.scan(b"GET /a HTTP/1.1\r\nCookie: x#y\r\n\r\n"));
+        assert!(!s.fragment, "a # in a header value is no fragment");
+        let mut s = FramingSniffer::default();
+        let body = "{\"#\":1}";
+        s.scan(
+            format!(
+                "POST /a HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        assert!(!s.fragment, "nor in a body");
+        for req in [
+            &b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"GET /a?q#x HTTP/1.1\r\n\r\n",
+        ] {
+            for cut in 0..req.len() {
+                let mut s = FramingSniffer::default();
+                s.scan(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+                s.scan(&req[..cut]);
+                s.scan(&req[cut..]);
+                assert!(s.fragment, "cut at {cut}");
+            }
+        }
     }
 
     #[test]

@@ -117,6 +117,7 @@ pub async fn serve_public(
             peer,
             tls: tls.is_some(),
             framing_conflict: false,
+            target_fragment: false,
         };
         // Two kinds of task, so that a plain connection's task is not sized
         // for TLS state it never has.

@@ -8,7 +8,7 @@ pub mod headers;
 pub mod pool;
 
 use crate::config::{Route, Upstream};
-use crate::context::{RequestCtx, ResponseBody, Seen, names};
+use crate::context::{RequestBody, RequestCtx, ResponseBody, Seen, names};
 use crate::error::GatewayError;
 use crate::keys::Environment;
 use futures_util::FutureExt;
@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// The request body as forwarded: the client's, capped at the route's size.
-pub type ForwardBody = Limited<Incoming>;
+pub type ForwardBody = Limited<RequestBody>;
 
 thread_local! {
     /// Which worker event loop this thread runs (0 outside the workers).
@@ -122,7 +122,7 @@ pub struct Forwarding {
 pub fn forward<'a>(
     pool: &'a UpstreamPool,
     route: &Route,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     fwd: Forwarding,
     ctx: &'a mut RequestCtx,
 ) -> impl Future<Output = Result<Response<ResponseBody>, GatewayError>> + Send + 'a {
@@ -161,7 +161,7 @@ const IDENTITY_HEADERS: [HeaderName; 3] = [
 fn rewrite(
     pool: &UpstreamPool,
     route: &Route,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     fwd: Forwarding,
     ctx: &RequestCtx,
 ) -> Result<
@@ -304,18 +304,32 @@ fn answer(
         ));
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    // The client is answered in the gateway's own version (RFC 9110 §6.2),
+    // whatever the upstream spoke: an HTTP/1.0 upstream must not turn the
+    // client's HTTP/1.1 keep-alive connection into HTTP/1.0.
+    parts.version = http::Version::HTTP_11;
     Ok(Response::from_parts(parts, Either::Left(body)))
 }
 
-/// Maps a send error: a body over the size limit is the client's fault
-/// (413); anything else means the upstream refused, reset or spoke garbage.
+/// Maps a send error. The client's body failing on the way is the client's
+/// fault: over the size limit (413), or malformed or cut short (400, e.g. a
+/// chunk size that overflows), seen as an error of the client's body inside
+/// the upstream exchange's error. Anything else means the upstream refused,
+/// reset or spoke garbage.
 fn classify(e: &SendError) -> GatewayError {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut depth = 0;
     while let Some(s) = src {
         if s.is::<http_body_util::LengthLimitError>() {
             return GatewayError::PayloadTooLarge;
         }
+        // The exchange's own error is the first hyper error (under
+        // `SendError`); a hyper error beneath it is the client's body.
+        if depth > 1 && s.is::<hyper::Error>() {
+            return GatewayError::BadRequest("malformed or incomplete request body");
+        }
+        depth += 1;
         src = s.source();
     }
     GatewayError::UpstreamUnavailable(e.to_string())
