@@ -25,8 +25,8 @@ use crate::keys::{Environment, KeyRecord};
 use crate::server::App;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use std::net::IpAddr;
 use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 use tokio::sync::Mutex;
 

@@ -139,7 +139,10 @@ async fn minting_another_kind_of_key_is_refused() {
             .await;
         r.assert_error(403, "FORBIDDEN");
         assert_eq!(field(&r), "kind", "{kind}: {}", r.text());
-        let msg = r.json()["error"]["message"].as_str().unwrap_or("").to_string();
+        let msg = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         assert!(
             msg.contains("kind") && msg.contains("secret"),
             "{kind}: {msg}"
@@ -223,14 +226,18 @@ async fn minting_stops_at_the_workspace_cap() {
 
     let mut made = Vec::new();
     for _ in 0..2 {
-        let r = env.mint(&secret, json!({"permissions": ["sms.send"]})).await;
+        let r = env
+            .mint(&secret, json!({"permissions": ["sms.send"]}))
+            .await;
         assert_eq!(r.status, 201, "{}", r.text());
         made.push(r.json()["id"].as_str().expect("id").to_string());
     }
     let full = env.ids(WS).await;
     assert_eq!(full.len(), 3);
 
-    let r = env.mint(&secret, json!({"permissions": ["sms.send"]})).await;
+    let r = env
+        .mint(&secret, json!({"permissions": ["sms.send"]}))
+        .await;
     r.assert_error(409, "KEY_LIMIT_REACHED");
     assert!(
         r.json()["error"]["message"]
@@ -243,7 +250,9 @@ async fn minting_stops_at_the_workspace_cap() {
 
     // Revoking one frees a place.
     assert_eq!(env.revoke(&secret, &made[0]).await.status, 204);
-    let r = env.mint(&secret, json!({"permissions": ["sms.send"]})).await;
+    let r = env
+        .mint(&secret, json!({"permissions": ["sms.send"]}))
+        .await;
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(env.ids(WS).await.len(), 3);
 }
