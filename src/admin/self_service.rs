@@ -156,8 +156,7 @@ fn forbidden(field: &str, message: impl Into<String>) -> ApiError {
 
 /// Creates in one workspace take turns, so that two of them cannot both
 /// count the workspace one below the cap and both write. Striped by
-/// workspace: one tenant's creates never wait on another's (bar a hash
-/// collision), and the memory is fixed.
+/// workspace so that tenants seldom wait on each other, in fixed memory.
 static CREATE_GATES: [Mutex<()>; 64] = [const { Mutex::const_new(()) }; 64];
 
 fn create_gate(workspace: &str) -> &'static Mutex<()> {
