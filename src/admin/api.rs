@@ -90,6 +90,33 @@ pub async fn list(
     ))
 }
 
+/// How many keys `workspace` holds, counted up to `up_to` (a count of
+/// `up_to` means "at least"), a page at a time so memory stays bounded.
+pub async fn count_up_to(
+    app: &App,
+    workspace: &str,
+    up_to: usize,
+    actor: &Actor<'_>,
+) -> Result<usize, ApiError> {
+    const PAGE: usize = 500;
+    let mut seen = 0;
+    let mut cursor: Option<String> = None;
+    while seen < up_to {
+        let page = app
+            .keys
+            .store()
+            .list(Some(workspace), (up_to - seen).min(PAGE), cursor.as_deref())
+            .await
+            .map_err(|e| ops_err(actor, "count", "-", e.into()))?;
+        seen += page.data.len();
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    Ok(seen.min(up_to))
+}
+
 /// One record, or `None` when unknown.
 pub async fn fetch(app: &App, id: &str, actor: &Actor<'_>) -> Result<Option<KeyRecord>, ApiError> {
     app.keys

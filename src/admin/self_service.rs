@@ -6,10 +6,13 @@
 //! kind, `allowed_routes`, IP, origin, permission), as the synthetic route
 //! `self_service` for secret keys; it is rate limited by its plan like any
 //! keyed route. A key never grants more than it has: every requested
-//! permission must be held, and the new key stays in the caller's
-//! workspace, environment and plan, expires no later than the caller, and
-//! inherits (or narrows) the caller's IP, origin and route restrictions.
-//! A key of another workspace is answered 404, as if it did not exist.
+//! permission must be held, and the new key is of the caller's kind, stays
+//! in the caller's workspace, environment and plan, expires no later than
+//! the caller, and inherits (or narrows) the caller's IP, origin and route
+//! restrictions. A workspace holding `[self_service] max_keys_per_workspace`
+//! keys gets no more (409 `KEY_LIMIT_REACHED`). A key may revoke only keys
+//! whose every permission it holds itself. A key of another workspace is
+//! answered 404, as if it did not exist.
 
 use super::api::{self, Actor};
 use super::http::{ApiError, Reply, parse_json, parse_list_query, plausible_id, read_body};
@@ -22,8 +25,10 @@ use crate::error::GatewayError;
 use crate::keys::{Environment, KeyRecord};
 use crate::server::App;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
+use tokio::sync::Mutex;
 
 /// The route name self-service requests are logged, counted and limited under
 /// (list it in a key's `allowed_routes` to let a restricted key use them).
@@ -142,8 +147,23 @@ pub async fn handle(
     })
 }
 
-fn forbidden(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", message)
+/// 403 FORBIDDEN about one request field.
+fn forbidden(field: &str, message: impl Into<String>) -> ApiError {
+    let mut e = ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", message);
+    e.field = Some(field.to_string());
+    e
+}
+
+/// Creates in one workspace take turns, so that two of them cannot both
+/// count the workspace one below the cap and both write. Striped by
+/// workspace so that tenants seldom wait on each other, in fixed memory.
+static CREATE_GATES: [Mutex<()>; 64] = [const { Mutex::const_new(()) }; 64];
+
+fn create_gate(workspace: &str) -> &'static Mutex<()> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    workspace.hash(&mut h);
+    // The modulo keeps the index below the array length.
+    &CREATE_GATES[(h.finish() % CREATE_GATES.len() as u64) as usize]
 }
 
 async fn create(
@@ -157,6 +177,20 @@ async fn create(
     let bytes = read_body(headers, body).await?;
     let n: NewKey = parse_json(&bytes, false)?;
     let n = confine(caller, n)?;
+    // Held across the count and the write: that pair is what must not
+    // interleave. Self-service creates are rare; the request path never
+    // takes this lock.
+    let _turn = create_gate(&caller.workspace).lock().await;
+    let cap = cfg.self_service_max_keys;
+    if api::count_up_to(app, &caller.workspace, cap, actor).await? >= cap {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "KEY_LIMIT_REACHED",
+            format!(
+                "this workspace already holds {cap} API keys, the most allowed: revoke one before creating another"
+            ),
+        ));
+    }
     api::create(app, cfg, n, actor).await
 }
 
@@ -165,12 +199,30 @@ async fn create(
 fn confine(caller: &KeyRecord, mut n: NewKey) -> Result<NewKey, ApiError> {
     match &n.workspace {
         Some(w) if *w != caller.workspace => {
-            return Err(forbidden(format!(
-                "workspace: this API key may only create keys in its own workspace {}",
-                caller.workspace
-            )));
+            return Err(forbidden(
+                "workspace",
+                format!(
+                    "workspace: this API key may only create keys in its own workspace {}",
+                    caller.workspace
+                ),
+            ));
         }
         _ => n.workspace = Some(caller.workspace.clone()),
+    }
+    // A secret key minting a public key (usable from any origin) or an
+    // internal one (for routes it cannot call) would step outside itself.
+    match n.kind.as_deref() {
+        None => n.kind = Some(caller.kind.clone()),
+        Some(k) if k != caller.kind => {
+            return Err(forbidden(
+                "kind",
+                format!(
+                    "kind: this API key may only create {} keys, not {k:?}",
+                    caller.kind
+                ),
+            ));
+        }
+        Some(_) => {}
     }
     ops::check_permissions(&n.permissions)?;
     if let Some(p) = n
@@ -178,9 +230,10 @@ fn confine(caller: &KeyRecord, mut n: NewKey) -> Result<NewKey, ApiError> {
         .iter()
         .find(|p| !auth::holds(&caller.permissions, p))
     {
-        return Err(forbidden(format!(
-            "this API key cannot grant the permission {p}, which it does not hold"
-        )));
+        return Err(forbidden(
+            "permissions",
+            format!("this API key cannot grant the permission {p}, which it does not hold"),
+        ));
     }
     match n.environment.as_deref() {
         None => n.environment = Some(caller.environment.as_str().to_string()),
@@ -192,10 +245,13 @@ fn confine(caller: &KeyRecord, mut n: NewKey) -> Result<NewKey, ApiError> {
                 ));
             }
             Some(env) if env != caller.environment => {
-                return Err(forbidden(format!(
-                    "environment: this API key may only create {} keys",
-                    caller.environment.as_str()
-                )));
+                return Err(forbidden(
+                    "environment",
+                    format!(
+                        "environment: this API key may only create {} keys",
+                        caller.environment.as_str()
+                    ),
+                ));
             }
             Some(_) => {}
         },
@@ -204,6 +260,7 @@ fn confine(caller: &KeyRecord, mut n: NewKey) -> Result<NewKey, ApiError> {
         None => n.plan = caller.plan.clone(),
         Some(p) if Some(p) != caller.plan.as_ref() => {
             return Err(forbidden(
+                "plan",
                 "plan: this API key may only create keys on its own plan",
             ));
         }
@@ -217,6 +274,7 @@ fn confine(caller: &KeyRecord, mut n: NewKey) -> Result<NewKey, ApiError> {
             }
             Some(t) if t > limit => {
                 return Err(forbidden(
+                    "expires_at",
                     "expires_at: a new key may not outlive the API key that creates it",
                 ));
             }
@@ -229,9 +287,10 @@ fn confine(caller: &KeyRecord, mut n: NewKey) -> Result<NewKey, ApiError> {
         } else {
             for net in ops::parse_ips(&n.allowed_ips)? {
                 if !caller.allowed_ips.iter().any(|c| c.contains(&net)) {
-                    return Err(forbidden(format!(
-                        "allowed_ips: {net} is outside this API key's allowed_ips"
-                    )));
+                    return Err(forbidden(
+                        "allowed_ips",
+                        format!("allowed_ips: {net} is outside this API key's allowed_ips"),
+                    ));
                 }
             }
         }
@@ -263,9 +322,10 @@ fn narrow(field: &str, held: &[String], wanted: &mut Vec<String>) -> Result<(), 
         .iter()
         .find(|w| !held.iter().any(|h| h.eq_ignore_ascii_case(w)))
     {
-        Some(w) => Err(forbidden(format!(
-            "{field}: {w:?} is outside this API key's {field}"
-        ))),
+        Some(w) => Err(forbidden(
+            field,
+            format!("{field}: {w:?} is outside this API key's {field}"),
+        )),
         None => Ok(()),
     }
 }
@@ -281,8 +341,31 @@ async fn delete(
     }
     match api::fetch(app, id, actor).await? {
         // Another workspace's key is answered exactly like an unknown one.
-        Some(rec) if rec.workspace == caller.workspace => api::revoke(app, &rec, actor).await,
+        Some(rec) if rec.workspace == caller.workspace => {
+            may_touch(caller, &rec)?;
+            api::revoke(app, &rec, actor).await
+        }
         _ => Err(ApiError::no_such_key()),
+    }
+}
+
+/// A key may act on another key of its workspace only when it holds every
+/// permission that key holds: the rule of minting, so that a key can
+/// neither make nor take away more than it has.
+fn may_touch(caller: &KeyRecord, target: &KeyRecord) -> Result<(), ApiError> {
+    match target
+        .permissions
+        .iter()
+        .find(|p| !auth::holds(&caller.permissions, p))
+    {
+        Some(p) => Err(forbidden(
+            "id",
+            format!(
+                "key {} holds the permission {p}, which this API key does not hold, so it cannot revoke it",
+                target.id
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -358,6 +441,47 @@ mod tests {
         let mut n = req(&[]);
         n.allowed_routes = vec!["balance".into()];
         assert_eq!(confine(&c, n).unwrap_err().status, 403);
+    }
+
+    #[test]
+    fn the_new_key_is_of_the_callers_kind() {
+        let c = caller();
+        let n = confine(&c, req(&[])).unwrap();
+        assert_eq!(n.kind.as_deref(), Some("secret"));
+        let mut n = req(&[]);
+        n.kind = Some("secret".into());
+        assert!(confine(&c, n).is_ok());
+        for other in ["public", "internal", "Secret", ""] {
+            let mut n = req(&[]);
+            n.kind = Some(other.into());
+            let e = confine(&c, n).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.code), (403, "FORBIDDEN"), "{other}");
+            assert_eq!(e.field.as_deref(), Some("kind"));
+        }
+    }
+
+    #[test]
+    fn only_keys_holding_no_more_may_be_revoked() {
+        let c = caller();
+        let mut target = caller();
+        for (perms, ok) in [
+            (&[][..], true),
+            (&["sms.send"], true),
+            (&["sms.*", "keys.write"], true),
+            (&["sms.x.*"], true),
+            (&["balance.read"], false),
+            (&["sms.send", "keys.read"], false),
+            (&["*"], false),
+        ] {
+            target.permissions = perms.iter().map(|s| s.to_string()).collect();
+            match may_touch(&c, &target) {
+                Ok(()) => assert!(ok, "{perms:?} allowed"),
+                Err(e) => {
+                    assert!(!ok, "{perms:?} refused");
+                    assert_eq!((e.status.as_u16(), e.code), (403, "FORBIDDEN"));
+                }
+            }
+        }
     }
 
     #[test]

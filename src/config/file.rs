@@ -192,6 +192,9 @@ pub struct RouteFile {
 pub struct SelfServiceFile {
     #[serde(default)]
     pub enabled: bool,
+    /// Signed so that 0 and negative values get a message of ours with their position.
+    #[serde(default)]
+    pub max_keys_per_workspace: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -25,6 +25,12 @@ use toml::Spanned;
 /// Where the config is read from when neither `--config` nor `PORTCULLIS_CONFIG` says.
 pub const DEFAULT_PATH: &str = "config/portcullis.toml";
 
+/// Default of `[self_service] max_keys_per_workspace`.
+pub const DEFAULT_MAX_KEYS_PER_WORKSPACE: usize = 100;
+/// Largest `[self_service] max_keys_per_workspace` accepted: every
+/// self-service create counts the workspace's keys up to the cap.
+pub const MAX_KEYS_PER_WORKSPACE_LIMIT: usize = 10_000;
+
 /// One problem in a config file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Diagnostic {
@@ -329,6 +335,9 @@ pub struct Config {
     pub router: Router,
     /// `[self_service] enabled`.
     pub self_service: bool,
+    /// `[self_service] max_keys_per_workspace`: self-service creates nothing
+    /// in a workspace that already holds this many keys.
+    pub self_service_max_keys: usize,
     /// `[log]`.
     pub log: Log,
 }
@@ -942,6 +951,27 @@ impl Validator<'_> {
                 LogFormat::Human
             }
         };
+        // [self_service]
+        let ss = f.self_service.unwrap_or(SelfServiceFile {
+            enabled: false,
+            max_keys_per_workspace: None,
+        });
+        let self_service_max_keys = match &ss.max_keys_per_workspace {
+            None => DEFAULT_MAX_KEYS_PER_WORKSPACE,
+            Some(m) => match usize::try_from(*m.get_ref()) {
+                Ok(n) if (1..=MAX_KEYS_PER_WORKSPACE_LIMIT).contains(&n) => n,
+                _ => {
+                    self.err(
+                        m,
+                        format!(
+                            "self_service.max_keys_per_workspace {}: use 1 to {MAX_KEYS_PER_WORKSPACE_LIMIT}",
+                            m.get_ref()
+                        ),
+                    );
+                    DEFAULT_MAX_KEYS_PER_WORKSPACE
+                }
+            },
+        };
         Some(Config {
             source: path.to_path_buf(),
             source_hash: 0,
@@ -959,7 +989,8 @@ impl Validator<'_> {
             upstreams,
             routes,
             router,
-            self_service: f.self_service.map(|s| s.enabled).unwrap_or(false),
+            self_service: ss.enabled,
+            self_service_max_keys,
             log: Log {
                 level: lf.level.unwrap_or_else(|| "info".into()),
                 format,

@@ -172,3 +172,30 @@ fn redis_modes_need_a_redis_store() {
         "{e}"
     );
 }
+
+#[test]
+fn self_service_key_cap_defaults_and_is_bounded() {
+    let c = load_str(&with("[self_service]\nenabled = true\n")).unwrap();
+    assert_eq!(c.self_service_max_keys, DEFAULT_MAX_KEYS_PER_WORKSPACE);
+    assert_eq!(c.self_service_max_keys, 100);
+    let c = load_str(&with(
+        "[self_service]\nenabled = true\nmax_keys_per_workspace = 3\n",
+    ))
+    .unwrap();
+    assert_eq!(c.self_service_max_keys, 3);
+    for bad in ["0", "-1", "10001", "9223372036854775807"] {
+        let e = errors(&with(&format!(
+            "[self_service]\nmax_keys_per_workspace = {bad}\n"
+        )));
+        assert!(
+            e.contains(&format!(
+                ":7:26: self_service.max_keys_per_workspace {bad}: use 1 to 10000"
+            )),
+            "{bad}: {e}"
+        );
+    }
+    let e = errors(&with("[self_service]\nmax_keys_per_workspace = \"many\"\n"));
+    assert!(e.contains(":7:"), "{e}");
+    let e = errors(&with("[self_service]\nmax_keys = 3\n"));
+    assert!(e.contains(":7:1:") && e.contains("max_keys"), "{e}");
+}
