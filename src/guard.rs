@@ -74,6 +74,7 @@ pub fn check<B>(
         ));
     }
     check_framing(seen, req.version())?;
+    check_host(req, seen)?;
     let uri = req.uri();
     if req.version() <= Version::HTTP_11 && (uri.scheme().is_some() || uri.authority().is_some()) {
         return Err(GatewayError::BadRequest(
@@ -112,6 +113,64 @@ fn check_framing(seen: Seen, version: Version) -> Result<(), GatewayError> {
         }
     }
     Ok(())
+}
+
+/// 400 for a `Host` header or an HTTP/2 `:authority` that is not
+/// `host[:port]` (RFC 9110 §7.2): a host that is a reg-name or IPv4 address
+/// of letters, digits and `-._~`, or a bracketed IPv6 address; a port of
+/// 1–5 digits. Userinfo (`user:pass@`), a path, sub-delimiters and
+/// percent-escapes are refused: no DNS name uses them, and the host goes
+/// upstream in `X-Forwarded-Host`, where `,` or `@` would change its meaning.
+fn check_host<B>(req: &Request<B>, seen: Seen) -> Result<(), GatewayError> {
+    if let Some(a) = req.uri().authority()
+        && !valid_host(a.as_str().as_bytes())
+    {
+        return Err(GatewayError::BadRequest("invalid :authority"));
+    }
+    if seen.any(Seen::HOST)
+        && let Some(v) = req.headers().get(http::header::HOST)
+        && !valid_host(v.as_bytes())
+    {
+        return Err(GatewayError::BadRequest("invalid Host header"));
+    }
+    Ok(())
+}
+
+/// Whether `b` is `host[:port]` as [`check_host`] accepts it.
+pub fn valid_host(b: &[u8]) -> bool {
+    let (host, port) = if b.first() == Some(&b'[') {
+        let Some(end) = b.iter().position(|&c| c == b']') else {
+            return false;
+        };
+        let literal = std::str::from_utf8(&b[1..end]).ok();
+        if literal.is_none_or(|l| l.parse::<std::net::Ipv6Addr>().is_err()) {
+            return false;
+        }
+        (&b[..=end], &b[end + 1..])
+    } else {
+        let colon = b.iter().position(|&c| c == b':').unwrap_or(b.len());
+        let host = &b[..colon];
+        let ok = host
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~'));
+        if !ok {
+            return false;
+        }
+        (host, &b[colon..])
+    };
+    let port_ok = match port {
+        [] => true,
+        [b':', digits @ ..] => {
+            (1..=5).contains(&digits.len())
+                && digits.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|d| d.parse::<u16>().ok())
+                    .is_some()
+        }
+        _ => false,
+    };
+    !host.is_empty() && port_ok
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -532,5 +591,86 @@ mod tests {
             "/",
         );
         assert!(check_(&ok).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_host_and_port_only() {
+        for ok in [
+            "a",
+            "example.com",
+            "Example.COM:8443",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]",
+            "[2001:db8::7]:443",
+            "my_host.internal",
+            "localhost:65535",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "user:pass@evil.com",
+            "user@evil.com",
+            "evil.com/x",
+            "a,b",
+            "a b",
+            "evil.com:",
+            ":80",
+            "a:80:80",
+            "a:65536",
+            "a:123456",
+            "a:8x",
+            "[::1",
+            "[::1]x",
+            "[::1]:",
+            "[v1.x]",
+            "[fe80::1%25eth0]",
+            "a%2eb",
+            "a\\b",
+            "a;b",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_invalid_host_or_authority_is_refused() {
+        let r = |host: &str| {
+            Request::builder()
+                .uri("/x")
+                .header("host", host)
+                .body(())
+                .unwrap()
+        };
+        let conn = ConnInfo {
+            peer: ([127, 0, 0, 1], 1).into(),
+            tls: false,
+            framing_conflict: false,
+            target_fragment: false,
+        };
+        let check_ = |r: &Request<()>| check(r, scan(r.headers()), &conn, false);
+        assert!(check_(&r("a.example:80")).is_ok());
+        assert!(matches!(
+            check_(&r("user:pass@evil.com")),
+            Err(GatewayError::BadRequest(_))
+        ));
+        let h2 = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("https://user:pass@evil.com/x")
+            .body(())
+            .unwrap();
+        assert!(check_(&h2).is_err(), "userinfo in :authority");
+        let h2 = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("https://good.example/x")
+            .body(())
+            .unwrap();
+        assert!(check_(&h2).is_ok());
     }
 }

@@ -34,10 +34,12 @@ pub fn handle(
         let app = &*app;
         let snap = app.current.load_full();
         let seen = crate::guard::scan(req.headers());
+        // A client's id goes upstream, into the log and back: never a key.
         let request_id = seen
             .any(Seen::X_REQUEST_ID)
             .then(|| RequestId::from_client(req.headers()))
             .flatten()
+            .filter(|id| !snap.config.key_format.carries_key(id.as_str().as_bytes()))
             .unwrap_or_else(|| app.ids.next());
         let mut ctx = RequestCtx::new(conn, req.method().clone(), request_id, seen);
         let h2 = req.version() == http::Version::HTTP_2;
@@ -84,7 +86,7 @@ fn inner<'a>(
         auth::check_query(req.uri().query(), cfg)?;
 
         if cfg.self_service && crate::admin::self_service::handles(&ctx.path) {
-            let client_ip = client_ip(req.headers(), ctx.conn, cfg);
+            let client_ip = client_ip(req.headers(), ctx.conn, cfg)?;
             // Boxed: a rare path whose future would otherwise size every request's.
             return Box::pin(crate::admin::self_service::handle(
                 req, ctx, cfg, app, client_ip,
@@ -97,7 +99,7 @@ fn inner<'a>(
 
         let route: &Route = cfg.router.at(req.method(), &ctx.path)?;
         ctx.route = Some(route.name.clone());
-        let client_ip = client_ip(req.headers(), ctx.conn, cfg);
+        let client_ip = client_ip(req.headers(), ctx.conn, cfg)?;
 
         if route.auth == AuthMode::Key {
             let input = AuthInput {
@@ -124,16 +126,13 @@ fn inner<'a>(
             GatewayError::Internal(format!("no pool for upstream {}", route.upstream))
         })?;
         let xff = forwarded_for(req.headers(), ctx.conn, cfg);
-        // A gateway key never reaches an upstream, even one sent by mistake to
-        // a route without auth; other credentials (e.g. Basic) pass there.
-        let strip_credentials = route.auth == AuthMode::Key
-            || auth::credential(req.headers(), ctx.seen)
-                .ok()
-                .flatten()
-                .is_some_and(|c| cfg.key_format.has_known_prefix(c));
+        // A keyed route's credential headers go whatever they hold; on every
+        // route the proxy also removes any header carrying a gateway key, so
+        // other credentials (e.g. Basic) pass only on routes without auth.
         let fwd = crate::proxy::Forwarding {
             xff,
-            strip_credentials,
+            strip_credentials: route.auth == AuthMode::Key,
+            key_format: &cfg.key_format,
         };
         crate::proxy::forward(pool, route, req, fwd, ctx).await
     }
@@ -354,26 +353,30 @@ fn trusted(ip: IpAddr, cfg: &Config) -> bool {
 }
 
 /// The client address: the socket peer, or — when the peer is a trusted
-/// proxy — the right-most `X-Forwarded-For` hop that is not itself trusted.
-pub fn client_ip(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> IpAddr {
+/// proxy — the right-most `X-Forwarded-For` hop that is not itself trusted
+/// (the peer when there is none, or every hop is trusted). Empty hops are
+/// skipped. A hop that is not an IP address, met before an untrusted one,
+/// is refused with 400: falling back to the peer would check an
+/// IP-restricted key against the proxy's address instead of the client's.
+pub fn client_ip(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> Result<IpAddr, GatewayError> {
     let peer = conn.peer.ip();
     if !trusted(peer, cfg) {
-        return peer;
+        return Ok(peer);
     }
-    let hops = h
-        .get_all(names::X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','));
-    let hops: Vec<&str> = hops.collect();
-    for hop in hops.iter().rev() {
-        match hop.trim().parse::<IpAddr>() {
-            Ok(ip) if trusted(ip, cfg) => continue,
-            Ok(ip) => return ip,
-            Err(_) => break,
+    const MALFORMED: GatewayError =
+        GatewayError::BadRequest("malformed X-Forwarded-For from a trusted proxy");
+    // Right to left, header lines last first: no list is collected.
+    for line in h.get_all(names::X_FORWARDED_FOR).iter().rev() {
+        let line = line.to_str().map_err(|_| MALFORMED)?;
+        for hop in line.rsplit(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match hop.parse::<IpAddr>() {
+                Ok(ip) if trusted(ip, cfg) => continue,
+                Ok(ip) => return Ok(ip),
+                Err(_) => return Err(MALFORMED),
+            }
         }
     }
-    peer
+    Ok(peer)
 }
 
 /// The `X-Forwarded-For` sent upstream: the peer, appended to the client's
@@ -386,7 +389,11 @@ fn forwarded_for(h: &HeaderMap, conn: ConnInfo, cfg: &Config) -> HeaderValue {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
+        // A key pasted into the list would go upstream with it.
         if !prior.is_empty()
+            && !prior
+                .iter()
+                .any(|p| cfg.key_format.carries_key(p.as_bytes()))
             && let Ok(v) = HeaderValue::from_str(&format!("{}, {peer}", prior.join(", ")))
         {
             return v;

@@ -295,22 +295,30 @@ fn confine(caller: &KeyRecord, mut n: NewKey) -> Result<NewKey, ApiError> {
             }
         }
     }
+    // Hosts compare case-insensitively, route names exactly (as auth does).
     narrow(
         "allowed_origins",
         &caller.allowed_origins,
         &mut n.allowed_origins,
+        |held, w| held.iter().any(|h| h.eq_ignore_ascii_case(w)),
     )?;
     narrow(
         "allowed_routes",
         &caller.allowed_routes,
         &mut n.allowed_routes,
+        crate::auth::route_listed,
     )?;
     Ok(n)
 }
 
 /// A restricted caller's list is inherited when none is asked for; one asked
 /// for must be a subset.
-fn narrow(field: &str, held: &[String], wanted: &mut Vec<String>) -> Result<(), ApiError> {
+fn narrow(
+    field: &str,
+    held: &[String],
+    wanted: &mut Vec<String>,
+    listed: fn(&[String], &str) -> bool,
+) -> Result<(), ApiError> {
     if held.is_empty() {
         return Ok(());
     }
@@ -318,10 +326,7 @@ fn narrow(field: &str, held: &[String], wanted: &mut Vec<String>) -> Result<(), 
         *wanted = held.to_vec();
         return Ok(());
     }
-    match wanted
-        .iter()
-        .find(|w| !held.iter().any(|h| h.eq_ignore_ascii_case(w)))
-    {
+    match wanted.iter().find(|w| !listed(held, w)) {
         Some(w) => Err(forbidden(
             field,
             format!("{field}: {w:?} is outside this API key's {field}"),

@@ -130,7 +130,7 @@ pub fn authorize(
     if key.kind != presented_kind || !route.key_kinds.contains(&key.kind) {
         return Err(GatewayError::KeyKindNotAllowed);
     }
-    if !key.allowed_routes.is_empty() && !key.allowed_routes.iter().any(|r| **r == *route.name) {
+    if !key.allowed_routes.is_empty() && !route_listed(&key.allowed_routes, &route.name) {
         return Err(GatewayError::Forbidden(format!(
             "this API key may not call route {}",
             route.name
@@ -155,6 +155,13 @@ pub fn authorize(
         }
     }
     Ok(())
+}
+
+/// Whether `route` is in an `allowed_routes` list. Route names are the
+/// config's case-sensitive identifiers: compared exactly, here and in
+/// self-service narrowing alike, so a list means the same everywhere.
+pub fn route_listed(allowed: &[String], route: &str) -> bool {
+    allowed.iter().any(|r| r == route)
 }
 
 /// Whether a set of held permissions covers `needed`: exact, `*`, or `prefix.*`.
@@ -241,6 +248,15 @@ mod tests {
             "http://localhost:3000/page?x=1".parse().unwrap(),
         );
         assert_eq!(request_origin_host(&h), Some("localhost"));
+    }
+
+    #[test]
+    fn allowed_routes_compare_exactly() {
+        let list = vec!["sms.send".to_string()];
+        assert!(route_listed(&list, "sms.send"));
+        assert!(!route_listed(&list, "SMS.send"));
+        assert!(!route_listed(&list, "sms.send "));
+        assert!(!route_listed(&[], "sms.send"));
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub struct PrefixRule {
 #[derive(Clone, Debug, Default)]
 pub struct KeyFormat {
     rules: Vec<PrefixRule>,
+    /// One finder per distinct prefix, built once per config: spotting a
+    /// key in a header value is then a few SIMD substring scans.
+    finders: Vec<memchr::memmem::Finder<'static>>,
 }
 
 /// A key that passed the format and checksum checks.
@@ -51,7 +54,15 @@ impl KeyFormat {
     /// Builds the format from prefix rules (validated by `config`).
     pub fn new(mut rules: Vec<PrefixRule>) -> Self {
         rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        KeyFormat { rules }
+        let mut prefixes: Vec<&str> = rules.iter().map(|r| r.prefix.as_str()).collect();
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        let finders = prefixes
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| memchr::memmem::Finder::new(p).into_owned())
+            .collect();
+        KeyFormat { rules, finders }
     }
 
     /// All rules.
@@ -69,6 +80,30 @@ impl KeyFormat {
     /// Whether `s` starts with any configured prefix (used to spot keys in query strings).
     pub fn has_known_prefix(&self, s: &str) -> bool {
         self.rules.iter().any(|r| s.starts_with(&r.prefix))
+    }
+
+    /// Whether `value` carries a token in a configured key format: a
+    /// configured prefix at a token boundary (the start of the value, or
+    /// after a byte that is not an ASCII letter or digit) followed by a
+    /// letter or digit, anywhere in the value. Neither length nor checksum
+    /// is checked: a mistyped or truncated key is still a secret, and a
+    /// false positive only costs the header it was found in. Linear in the
+    /// value's length per prefix; allocates nothing.
+    pub fn carries_key(&self, value: &[u8]) -> bool {
+        self.finders.iter().any(|f| {
+            let n = f.needle().len();
+            let mut from = 0;
+            while let Some(at) = value.get(from..).and_then(|rest| f.find(rest)) {
+                let start = from + at;
+                let boundary = start == 0 || !value[start - 1].is_ascii_alphanumeric();
+                if boundary && value.get(start + n).is_some_and(u8::is_ascii_alphanumeric) {
+                    return true;
+                }
+                // One byte on, not past the match: a prefix may overlap itself.
+                from = start + 1;
+            }
+            false
+        })
     }
 
     /// Makes a new secret for a kind and environment; returns the secret and its digest.
@@ -199,6 +234,49 @@ mod tests {
             "unknown prefix"
         );
         assert!(f.parse(&"a".repeat(10_000)).is_none(), "oversized");
+    }
+
+    #[test]
+    fn a_key_is_spotted_anywhere_in_a_header_value() {
+        let f = fmt();
+        let (k, _) = f.generate("secret", Environment::Live).unwrap();
+        for v in [
+            k.clone(),
+            format!("Bearer {k}"),
+            format!("bearer  {k}"),
+            format!("Bearer\t{k}"),
+            format!("Token {k}"),
+            format!("session=abc; api_key={k}; theme=dark"),
+            format!("{k},{k}"),
+            format!("\"{k}\""),
+            format!("x_{k}"),
+            "sk_live_short".into(),
+            "sk_test_not-a-real-key".into(),
+            "vlk_1".into(),
+            "xsk_live_sk_live_1".into(),
+        ] {
+            assert!(f.carries_key(v.as_bytes()), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn other_values_are_left_alone() {
+        let f = fmt();
+        for v in [
+            "",
+            "Basic dXNlcjpwYXNz",
+            "Bearer eyJhbGciOiJIUzI1NiJ9.e30.x",
+            "mask_live_abc",
+            "sk_live_",
+            "sk_live_-abc",
+            "sk_live",
+            "SK_LIVE_abc",
+            "text/html, application/json",
+            "risk_test_1",
+        ] {
+            assert!(!f.carries_key(v.as_bytes()), "{v:?}");
+        }
+        assert!(!KeyFormat::default().carries_key(b"sk_live_abc"));
     }
 
     #[test]

@@ -1,8 +1,40 @@
 //! Header rewriting for forwarding: hop-by-hop removal (RFC 9110 §7.6.1 plus
-//! every header the `Connection` header names), in both directions.
+//! every header the `Connection` header names), in both directions, and
+//! removal of every request header that carries a gateway key.
 
 use crate::context::hop_by_hop::{self, CONNECTION, TE, UPGRADE};
+use crate::keys::format::KeyFormat;
 use http::{HeaderMap, HeaderName, header};
+
+/// Removes every request header with a value that carries a token in a
+/// configured key format ([`KeyFormat::carries_key`]), whatever its name
+/// and on every route: a key sent twice, under a scheme other than
+/// `Bearer`, with odd spacing, in `Cookie` or in a header of the client's
+/// own never reaches an upstream. Every value is scanned, not only the
+/// credential-bearing headers, because a key leaks the same from any of
+/// them; a name goes with all its values when one of them carries a key.
+/// Other credentials (`Basic …`, a `Bearer` token that is not a gateway
+/// key) pass. Allocates only when a key is found.
+pub fn strip_keys(h: &mut HeaderMap, keys: &KeyFormat) {
+    let mut found: Vec<HeaderName> = Vec::new();
+    for (name, value) in h.iter() {
+        if keys.carries_key(value.as_bytes()) && !found.contains(name) {
+            found.push(name.clone());
+        }
+    }
+    for name in found {
+        h.remove(name);
+    }
+}
+
+/// Whether a comma-separated `Upgrade` list names `websocket` (any case).
+pub fn names_websocket(h: &HeaderMap) -> bool {
+    h.get_all(header::UPGRADE).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+    })
+}
 
 /// Removes hop-by-hop headers, and every header named in `Connection`.
 /// `Upgrade` is removed too unless `keep_upgrade` (a WebSocket route).
@@ -67,6 +99,76 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::Environment;
+    use crate::keys::format::PrefixRule;
+
+    fn keys() -> KeyFormat {
+        let rule = |kind: &str, environment, prefix: &str| PrefixRule {
+            kind: kind.into(),
+            environment,
+            prefix: prefix.into(),
+            length: 46,
+        };
+        KeyFormat::new(vec![
+            rule("secret", Environment::Live, "sk_live_"),
+            rule("secret", Environment::Test, "sk_test_"),
+            rule("public", Environment::Live, "pk_live_"),
+        ])
+    }
+
+    #[test]
+    fn every_header_carrying_a_key_is_removed_and_nothing_else() {
+        let k = keys();
+        let (key, _) = k.generate("secret", Environment::Live).unwrap();
+        let mut h = HeaderMap::new();
+        h.append(header::AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().unwrap());
+        h.append(
+            header::AUTHORIZATION,
+            format!("Token {key}").parse().unwrap(),
+        );
+        h.append("x-api-key", key.parse().unwrap());
+        h.append("x-api-key", "pk_live_other1".parse().unwrap());
+        h.append(header::COOKIE, format!("a=1; k={key}").parse().unwrap());
+        h.append("x-mine", format!("bearer\t{key}").parse().unwrap());
+        h.append("x-test", "sk_test_abc".parse().unwrap());
+        h.append(header::ACCEPT, "*/*".parse().unwrap());
+        h.append("x-end-to-end", "mask_live_kept".parse().unwrap());
+        strip_keys(&mut h, &k);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h[header::ACCEPT], "*/*");
+        assert_eq!(h["x-end-to-end"], "mask_live_kept");
+    }
+
+    #[test]
+    fn other_credentials_pass() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().unwrap());
+        h.insert("x-api-key", "upstream-own-key-123".parse().unwrap());
+        strip_keys(&mut h, &keys());
+        assert_eq!(h.len(), 2);
+        h.insert(
+            header::AUTHORIZATION,
+            "Bearer eyJ0eXAi.e30.sig".parse().unwrap(),
+        );
+        strip_keys(&mut h, &keys());
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn only_a_websocket_upgrade_is_named_websocket() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::UPGRADE, v.parse().unwrap());
+            names_websocket(&h)
+        };
+        assert!(with("websocket"));
+        assert!(with("WebSocket"));
+        assert!(with("h2c, websocket"));
+        assert!(!with("h2c"));
+        assert!(!with("websocketx"));
+        assert!(!with(""));
+        assert!(!names_websocket(&HeaderMap::new()));
+    }
 
     #[test]
     fn removes_standard_and_connection_named_headers() {

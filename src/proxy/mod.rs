@@ -10,7 +10,7 @@ pub mod pool;
 use crate::config::{Route, Upstream};
 use crate::context::{RequestBody, RequestCtx, ResponseBody, Seen, names};
 use crate::error::GatewayError;
-use crate::keys::Environment;
+use crate::keys::{Environment, KeyFormat};
 use futures_util::FutureExt;
 use futures_util::future::Either as EitherFuture;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
@@ -107,11 +107,15 @@ impl UpstreamPool {
 }
 
 /// What the proxy needs to know about the client side of a request.
-pub struct Forwarding {
+pub struct Forwarding<'k> {
     /// The client's address as the gateway believes it (for `X-Forwarded-For`).
     pub xff: HeaderValue,
-    /// Whether the credential headers must be removed (keyed route).
+    /// Whether `Authorization` and `X-API-Key` must be removed whatever
+    /// they hold (keyed route).
     pub strip_credentials: bool,
+    /// The configured key format: any header value carrying a key is
+    /// removed, on every route.
+    pub key_format: &'k KeyFormat,
 }
 
 /// Forwards the request and returns the upstream's response, streamed.
@@ -123,7 +127,7 @@ pub fn forward<'a>(
     pool: &'a UpstreamPool,
     route: &Route,
     req: Request<RequestBody>,
-    fwd: Forwarding,
+    fwd: Forwarding<'_>,
     ctx: &'a mut RequestCtx,
 ) -> impl Future<Output = Result<Response<ResponseBody>, GatewayError>> + Send + 'a {
     // Straight-line, each value built where it ends up: a `Result::map`
@@ -162,7 +166,7 @@ fn rewrite(
     pool: &UpstreamPool,
     route: &Route,
     mut req: Request<RequestBody>,
-    fwd: Forwarding,
+    fwd: Forwarding<'_>,
     ctx: &RequestCtx,
 ) -> Result<
     (
@@ -174,7 +178,10 @@ fn rewrite(
 > {
     let env = ctx.identity.as_ref().map(|i| i.key.environment);
     let target = pool.pick(env);
-    let upgrade = route.websocket && ctx.seen.any(Seen::UPGRADE);
+    // Only a WebSocket upgrade crosses: any other protocol (`h2c` …) is
+    // hop-by-hop and removed, and the request goes as a plain one.
+    let upgrade =
+        route.websocket && ctx.seen.any(Seen::UPGRADE) && headers::names_websocket(req.headers());
 
     // Origin-form on the upstream connection: the canonical path + the
     // query. Most requests arrive that way already: their target is kept.
@@ -211,6 +218,7 @@ fn rewrite(
         seen.any(Seen::HOP_BY_HOP | Seen::UPGRADE) && headers::strip_hop_by_hop(h, upgrade);
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     if wants_trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -223,6 +231,9 @@ fn rewrite(
             h.remove(names::X_API_KEY);
         }
     }
+    // Before `Host` moves to X-Forwarded-Host and the gateway's own headers
+    // go in: only what the client sent is scanned.
+    headers::strip_keys(h, fwd.key_format);
     // The upstream sees its own name; X-Forwarded-Host carries the client's.
     let original_host = h
         .insert(header::HOST, pool.hosts[target].clone())
@@ -287,7 +298,11 @@ fn answer(
     };
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
+        // Spliced only when both sides agreed on WebSocket: a 101 to any
+        // other protocol would hand the client a tunnel the route never allowed.
+        if let Some(client_upgrade) = client_upgrade
+            && headers::names_websocket(resp.headers())
+        {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
@@ -300,7 +315,7 @@ fn answer(
             return Ok(Response::from_parts(parts, Either::Left(body)));
         }
         return Err(GatewayError::UpstreamUnavailable(
-            "unexpected 101 from upstream".into(),
+            "unexpected 101 from upstream (only a WebSocket upgrade asked for is spliced)".into(),
         ));
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
