@@ -15,3 +15,6 @@ mod credentials;
 
 #[path = "security/self_service.rs"]
 mod self_service;
+
+#[path = "security/answers.rs"]
+mod answers;
