@@ -39,6 +39,10 @@ pub struct KeyFormat {
     /// One finder per distinct prefix, built once per config: spotting a
     /// key in a header value is then a few SIMD substring scans.
     finders: Vec<memchr::memmem::Finder<'static>>,
+    /// The distinct last bytes of the prefixes, when there are at most
+    /// three (`_` for the usual `sk_live_`-style ones): a value holding none
+    /// of them holds no key, and most header values hold none.
+    ends: Vec<u8>,
 }
 
 /// A key that passed the format and checksum checks.
@@ -57,12 +61,22 @@ impl KeyFormat {
         let mut prefixes: Vec<&str> = rules.iter().map(|r| r.prefix.as_str()).collect();
         prefixes.sort_unstable();
         prefixes.dedup();
+        let mut ends: Vec<u8> = prefixes.iter().filter_map(|p| p.bytes().last()).collect();
+        ends.sort_unstable();
+        ends.dedup();
+        if ends.len() > 3 {
+            ends.clear();
+        }
         let finders = prefixes
             .into_iter()
             .filter(|p| !p.is_empty())
             .map(|p| memchr::memmem::Finder::new(p).into_owned())
             .collect();
-        KeyFormat { rules, finders }
+        KeyFormat {
+            rules,
+            finders,
+            ends,
+        }
     }
 
     /// All rules.
@@ -90,20 +104,27 @@ impl KeyFormat {
     /// false positive only costs the header it was found in. Linear in the
     /// value's length per prefix; allocates nothing.
     pub fn carries_key(&self, value: &[u8]) -> bool {
-        self.finders.iter().any(|f| {
-            let n = f.needle().len();
-            let mut from = 0;
-            while let Some(at) = value.get(from..).and_then(|rest| f.find(rest)) {
-                let start = from + at;
-                let boundary = start == 0 || !value[start - 1].is_ascii_alphanumeric();
-                if boundary && value.get(start + n).is_some_and(u8::is_ascii_alphanumeric) {
-                    return true;
+        let maybe = match self.ends[..] {
+            [a] => memchr::memchr(a, value).is_some(),
+            [a, b] => memchr::memchr2(a, b, value).is_some(),
+            [a, b, c] => memchr::memchr3(a, b, c, value).is_some(),
+            _ => true,
+        };
+        maybe
+            && self.finders.iter().any(|f| {
+                let n = f.needle().len();
+                let mut from = 0;
+                while let Some(at) = value.get(from..).and_then(|rest| f.find(rest)) {
+                    let start = from + at;
+                    let boundary = start == 0 || !value[start - 1].is_ascii_alphanumeric();
+                    if boundary && value.get(start + n).is_some_and(u8::is_ascii_alphanumeric) {
+                        return true;
+                    }
+                    // One byte on, not past the match: a prefix may overlap itself.
+                    from = start + 1;
                 }
-                // One byte on, not past the match: a prefix may overlap itself.
-                from = start + 1;
-            }
-            false
-        })
+                false
+            })
     }
 
     /// Makes a new secret for a kind and environment; returns the secret and its digest.
@@ -277,6 +298,24 @@ mod tests {
             assert!(!f.carries_key(v.as_bytes()), "{v:?}");
         }
         assert!(!KeyFormat::default().carries_key(b"sk_live_abc"));
+    }
+
+    #[test]
+    fn prefixes_ending_in_many_bytes_are_all_found() {
+        let rule = |prefix: &str| PrefixRule {
+            kind: prefix.into(),
+            environment: Environment::Live,
+            prefix: prefix.into(),
+            length: 40,
+        };
+        // Up to three last bytes are looked for first; past that, every value is searched.
+        for prefixes in [&["tok", "sk_"][..], &["tok", "sk_", "a-", "q."]] {
+            let f = KeyFormat::new(prefixes.iter().map(|p| rule(p)).collect());
+            for p in prefixes {
+                assert!(f.carries_key(format!("Bearer {p}1").as_bytes()), "{p}");
+            }
+            assert!(!f.carries_key(b"Bearer xyz"));
+        }
     }
 
     #[test]
