@@ -5,9 +5,9 @@
 //! Input, by its first byte:
 //! - `0x00 k p c rest`: generate a key of rule `k`, check it parses, then set
 //!   its character `p` to `c` (and append `rest`): it must be refused.
-//! - `0x01 len prefix \n key`: a `[key_kinds]` entry with that prefix and
-//!   length, through the config validator; when valid, its keys round-trip
-//!   and `key` is checked against it.
+//! - `0x01 hi lo prefix \n key`: a `[key_kinds]` entry with that prefix
+//!   and length (`hi lo`, big-endian), through the config validator; when
+//!   valid, its keys round-trip and `key` is checked against it.
 //! - anything else: the whole input is a presented key.
 #![no_main]
 
@@ -97,13 +97,16 @@ fuzz_target!(|data: &[u8]| {
                 );
             }
         }
-        [1, len, rest @ ..] => {
+        [1, hi, lo, rest @ ..] => {
+            let len = u16::from_be_bytes([*hi, *lo]);
             let Ok(rest) = std::str::from_utf8(rest) else {
                 return;
             };
             let (prefix, key) = rest.split_once('\n').unwrap_or((rest, ""));
+            // A test prefix the live one neither starts nor is started by
+            // (overlapping prefixes are refused).
             let text = format!(
-                "{BASE}\n[key_kinds.fuzzed]\nprefixes = {{ live = {prefix:?}, test = \"{prefix}t\" }}\nlength = {len}\n"
+                "{BASE}\n[key_kinds.fuzzed]\nprefixes = {{ live = {prefix:?}, test = \"t{prefix}\" }}\nlength = {len}\n"
             );
             let Some(f) = format_of(&text) else {
                 return;
