@@ -8,7 +8,7 @@ pub mod interp;
 
 use crate::keys::Environment;
 use crate::keys::format::{
-    CHECKSUM_LEN, DEFAULT_RANDOM_LEN, KeyFormat, MIN_RANDOM_LEN, PrefixRule,
+    CHECKSUM_LEN, DEFAULT_RANDOM_LEN, KeyFormat, MAX_KEY_LEN, MIN_RANDOM_LEN, PrefixRule,
 };
 use crate::router::Router;
 use file::*;
@@ -752,6 +752,13 @@ impl Validator<'_> {
                         "key_kinds.{name}: length {length} is too short: at least {} for 128 random bits",
                         longest + MIN_RANDOM_LEN + CHECKSUM_LEN
                     ),
+                );
+            }
+            // The key parser refuses anything longer: such keys could never authenticate.
+            if length > MAX_KEY_LEN {
+                self.err(
+                    k,
+                    format!("key_kinds.{name}: length {length} is too long: at most {MAX_KEY_LEN}"),
                 );
             }
             kinds.insert(

@@ -165,6 +165,20 @@ fn key_kinds_configurable_and_checked() {
 }
 
 #[test]
+fn key_kind_length_is_one_the_key_parser_accepts() {
+    let c = load_str(&with(
+        "[key_kinds.long]\nprefixes = { live = \"lk_\", test = \"lt_\" }\nlength = 256\n",
+    ))
+    .unwrap();
+    let (s, _) = c.key_format.generate("long", Environment::Test).unwrap();
+    assert!(c.key_format.parse(&s).is_some(), "{s}");
+    let e = errors(&with(
+        "[key_kinds.long]\nprefixes = { live = \"lk_\", test = \"lt_\" }\nlength = 257\n",
+    ));
+    assert!(e.contains("length 257 is too long: at most 256"), "{e}");
+}
+
+#[test]
 fn redis_modes_need_a_redis_store() {
     let e = errors(&with("[rate_limit]\nmode = \"redis\"\n"));
     assert!(

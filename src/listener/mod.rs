@@ -6,6 +6,11 @@
 mod conn;
 mod io;
 
+/// The HTTP/1 framing-conflict detector under every plain connection, public
+/// only so that the fuzz targets can drive it.
+#[doc(hidden)]
+pub use io::FramingSniffer;
+
 use crate::config::TlsFiles;
 use crate::context::ConnInfo;
 use crate::server::App;
