@@ -271,13 +271,21 @@ pub struct FramingSniffer {
     head: HeadSeen,
     /// What the bytes after the current head are.
     body: Body,
-    started: bool,
+    /// Bytes of [`H2_PREFACE_START`] the stream began with so far, or
+    /// [`PREFACE_RULED_OUT`].
+    preface: u8,
     done: bool,
     /// The current line is a request line (a head's first line).
     request_line: bool,
     /// A request line held a raw `#`.
     pub fragment: bool,
 }
+
+/// The start of the HTTP/2 connection preface, enough to tell it from any
+/// HTTP/1 request line.
+const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
+/// [`FramingSniffer::preface`] once the stream is known not to be HTTP/2.
+const PREFACE_RULED_OUT: u8 = u8::MAX;
 
 /// Bytes of a line kept: enough for `Content-Length:` with any value, and
 /// for a chunk size.
@@ -435,12 +443,22 @@ impl FramingSniffer {
         if self.done {
             return false;
         }
-        if !self.started && !bytes.is_empty() {
-            self.started = true;
-            // HTTP/2 (prior knowledge or ALPN) has no such framing: stop looking.
-            if bytes.starts_with(b"PRI * HTTP/2.0") {
-                self.done = true;
-                return false;
+        if self.preface != PREFACE_RULED_OUT && !bytes.is_empty() {
+            // HTTP/2 (prior knowledge or ALPN) has no such framing: stop
+            // looking once its preface is seen, however its bytes were cut
+            // into reads. Until then the bytes are read as HTTP/1 too, which
+            // is what they are if the preface is ruled out.
+            let matched = usize::from(self.preface);
+            let want = &H2_PREFACE_START[matched..];
+            let n = want.len().min(bytes.len());
+            if bytes[..n] == want[..n] {
+                self.preface += n as u8;
+                if usize::from(self.preface) == H2_PREFACE_START.len() {
+                    self.done = true;
+                    return false;
+                }
+            } else {
+                self.preface = PREFACE_RULED_OUT;
             }
         }
         if self.whole_heads_without_framing(bytes) {
@@ -570,6 +588,18 @@ mod tests {
                 assert!(s.fragment, "cut at {cut}");
             }
         }
+    }
+
+    #[test]
+    fn sniffer_knows_an_http2_preface_cut_into_reads() {
+        let stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nContent-Length: 1\r\nContent-Length: 2\r\n";
+        for cut in 0..stream.len() {
+            let mut s = FramingSniffer::default();
+            assert!(!s.scan(&stream[..cut]) && !s.scan(&stream[cut..]), "cut at {cut}");
+        }
+        let mut s = FramingSniffer::default();
+        s.scan(b"PRI");
+        assert!(s.scan(b"NT / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"));
     }
 
     #[test]
