@@ -595,7 +595,10 @@ mod tests {
         let stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nContent-Length: 1\r\nContent-Length: 2\r\n";
         for cut in 0..stream.len() {
             let mut s = FramingSniffer::default();
-            assert!(!s.scan(&stream[..cut]) && !s.scan(&stream[cut..]), "cut at {cut}");
+            assert!(
+                !s.scan(&stream[..cut]) && !s.scan(&stream[cut..]),
+                "cut at {cut}"
+            );
         }
         let mut s = FramingSniffer::default();
         s.scan(b"PRI");
