@@ -43,6 +43,16 @@ permissions = ["users.read"]
     )
 }
 
+/// A gateway on [`users_config`] with its two upstreams.
+async fn users_gateway() -> (TestGateway, EchoUpstream, EchoUpstream) {
+    let (admin, one) = (
+        EchoUpstream::start_named("admin").await,
+        EchoUpstream::start_named("one").await,
+    );
+    let gw = start_gateway(&users_config("", &admin, &one)).await;
+    (gw, admin, one)
+}
+
 async fn key(gw: &TestGateway, perms: &[&str]) -> String {
     let snap = gw.app().snapshot();
     let n = NewKey {
@@ -69,11 +79,7 @@ async fn get(gw: &TestGateway, target: &str, secret: &str) -> RawReply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_escaped_spelling_is_authorised_as_the_route_it_decodes_to() {
-    let (admin, one) = (
-        EchoUpstream::start_named("admin").await,
-        EchoUpstream::start_named("one").await,
-    );
-    let gw = start_gateway(&users_config("", &admin, &one)).await;
+    let (gw, admin, one) = users_gateway().await;
     let reader = key(&gw, &["users.read"]).await;
     for target in [
         "/v1/users/%61dmin",
@@ -113,11 +119,7 @@ async fn an_escaped_spelling_is_authorised_as_the_route_it_decodes_to() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_limit_counts_every_spelling_of_its_path() {
-    let (admin, one) = (
-        EchoUpstream::start_named("admin").await,
-        EchoUpstream::start_named("one").await,
-    );
-    let gw = start_gateway(&users_config("", &admin, &one)).await;
+    let (gw, admin, one) = users_gateway().await;
     let boss = key(&gw, &["admin.read", "users.read"]).await;
     assert_eq!(get(&gw, "/v1/users/admin", &boss).await.status(), Some(200));
     let r = get(&gw, "/v1/users/%61dmin", &boss).await;
@@ -129,11 +131,7 @@ async fn a_route_limit_counts_every_spelling_of_its_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_parameters_are_refused_unless_allowed() {
-    let (admin, one) = (
-        EchoUpstream::start_named("admin").await,
-        EchoUpstream::start_named("one").await,
-    );
-    let gw = start_gateway(&users_config("", &admin, &one)).await;
+    let (gw, admin, one) = users_gateway().await;
     let reader = key(&gw, &["users.read"]).await;
     for target in [
         "/v1/users/admin;x=1",
@@ -166,11 +164,7 @@ async fn path_parameters_are_refused_unless_allowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raw_fragment_in_the_target_is_refused() {
-    let (admin, one) = (
-        EchoUpstream::start_named("admin").await,
-        EchoUpstream::start_named("one").await,
-    );
-    let gw = start_gateway(&users_config("", &admin, &one)).await;
+    let (gw, admin, one) = users_gateway().await;
     let reader = key(&gw, &["users.read", "admin.read"]).await;
     for target in ["/v1/users/bob#x", "/v1/users/bob?q=1#/../admin"] {
         let r = get(&gw, target, &reader).await;
