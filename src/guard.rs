@@ -477,14 +477,18 @@ mod tests {
         b.body(()).unwrap()
     }
 
-    fn check_<B>(r: &Request<B>) -> Result<String, GatewayError> {
-        let conn = ConnInfo {
+    /// A plain connection whose bytes showed nothing wrong.
+    pub(super) fn plain_conn() -> ConnInfo {
+        ConnInfo {
             peer: ([127, 0, 0, 1], 1).into(),
             tls: false,
             framing_conflict: false,
             target_fragment: false,
-        };
-        check(r, scan(r.headers()), &conn, false)
+        }
+    }
+
+    fn check_<B>(r: &Request<B>) -> Result<String, GatewayError> {
+        check(r, scan(r.headers()), &plain_conn(), false)
     }
 
     #[test]
@@ -648,12 +652,7 @@ mod host_tests {
                 .body(())
                 .unwrap()
         };
-        let conn = ConnInfo {
-            peer: ([127, 0, 0, 1], 1).into(),
-            tls: false,
-            framing_conflict: false,
-            target_fragment: false,
-        };
+        let conn = super::tests::plain_conn();
         let check_ = |r: &Request<()>| check(r, scan(r.headers()), &conn, false);
         assert!(check_(&r("a.example:80")).is_ok());
         assert!(matches!(
