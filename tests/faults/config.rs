@@ -1,0 +1,1 @@
+//! The config file, caught half-written or replaced, never applies partly.

@@ -1,0 +1,1 @@
+//! The gateway's own process: SIGTERM with requests in flight, too few file descriptors.

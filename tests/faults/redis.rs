@@ -1,0 +1,1 @@
+//! Redis killed, restarted, out of memory, its pub/sub connection cut.

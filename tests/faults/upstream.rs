@@ -1,0 +1,1 @@
+//! Upstreams that stop, die mid-body, refuse, or answer malformed framing.
