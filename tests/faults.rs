@@ -21,3 +21,6 @@ mod upstream;
 
 #[path = "faults/process.rs"]
 mod process;
+
+#[path = "faults/logs.rs"]
+mod logs;
