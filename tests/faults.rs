@@ -24,3 +24,6 @@ mod process;
 
 #[path = "faults/logs.rs"]
 mod logs;
+
+#[path = "faults/framing.rs"]
+mod framing;

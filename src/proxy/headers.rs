@@ -6,6 +6,14 @@ use crate::context::hop_by_hop::{self, CONNECTION, TE, UPGRADE};
 use crate::keys::format::KeyFormat;
 use http::{HeaderMap, HeaderName, header};
 
+/// Whether an upstream's answer frames its body both by `Content-Length`
+/// and by `Transfer-Encoding` (RFC 9112 §6.3: to be handled as an error).
+/// Checked on every answer: one lookup when, as usual, there is no
+/// `Transfer-Encoding`.
+pub fn contradictory_framing(h: &HeaderMap) -> bool {
+    h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH)
+}
+
 /// Removes every request header with a value that carries a token in a
 /// configured key format ([`KeyFormat::carries_key`]), whatever its name
 /// and on every route: a key sent twice, under a scheme other than

@@ -318,6 +318,15 @@ fn answer(
             "unexpected 101 from upstream (only a WebSocket upgrade asked for is spliced)".into(),
         ));
     }
+    // Both framings at once (RFC 9112 §6.3): hyper decodes the chunks, but
+    // the upstream's Content-Length would go on to the client, which would
+    // take a body cut to that length for the whole. Such an answer is a
+    // broken or hostile upstream: refused (and its connection not pooled).
+    if headers::contradictory_framing(resp.headers()) {
+        return Err(GatewayError::UpstreamUnavailable(
+            "upstream answered with both Content-Length and Transfer-Encoding".into(),
+        ));
+    }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
     let (mut parts, body) = resp.into_parts();
     // The client is answered in the gateway's own version (RFC 9110 §6.2),

@@ -4,8 +4,9 @@
 //! that client races a fresh connect against every wait for an idle
 //! connection (a burst of requests became a burst of thousands of connects)
 //! and spawns a task per request to return its connection. Here a request
-//! takes a ready connection or opens one, and hands it straight back; a
-//! connection is ready again once hyper has finished its response.
+//! takes a ready connection or opens one, and hands it back as soon as the
+//! response head is in; a connection is ready again once hyper has finished
+//! its response.
 
 use super::ForwardBody;
 use futures_util::FutureExt;
@@ -132,18 +133,24 @@ impl TargetPool {
         response.await.map_err(|e| SendError::Http(e.into_error()))
     }
 
-    /// Gives `req` to hyper on `tx`, and `tx` back to the pool at once: busy
-    /// until hyper finishes this exchange, then ready for the next request.
-    fn hand_over(
-        &self,
+    /// Gives `req` to hyper on `tx`, and `tx` back to the pool once the
+    /// response head is in: busy until hyper finishes this exchange, then
+    /// ready for the next request. A connection whose answer framed its body
+    /// two ways is not put back: which framing the upstream meant is
+    /// unknown, so what follows on it cannot be trusted to be the next answer.
+    fn hand_over<'a>(
+        &'a self,
         mut tx: SendRequest<ForwardBody>,
         req: http::Request<ForwardBody>,
         max_kept: usize,
         now: Instant,
-    ) -> impl Future<Output = HandedOver> + Send + use<> {
-        let response = tx.try_send_request(req);
-        self.put_back(tx, max_kept, now);
-        response
+    ) -> impl Future<Output = HandedOver> + Send + 'a {
+        tx.try_send_request(req).map(move |response| {
+            if !matches!(&response, Ok(r) if super::headers::contradictory_framing(r.headers())) {
+                self.put_back(tx, max_kept, now);
+            }
+            response
+        })
     }
 
     /// The most recently used ready connection, dropping closed and stale ones.
