@@ -2,6 +2,14 @@
 //! of the TLS certificate or key files, or on SIGHUP, parse and
 //! validate the file and swap the whole snapshot in. A bad file is logged
 //! (file:line:col) and counted; the running config stays.
+//!
+//! A change applies once the files have settled: two checks, [`POLL`]
+//! apart, that see the same content, size and modification time. Many
+//! prefixes of a good config are themselves valid (a `[server]` table and
+//! no routes yet), so a file read while it is being written must not be
+//! applied. SIGHUP applies what is there at once: the operator says the
+//! file is complete. Writing a temporary file and renaming it over the
+//! config is the safe way to change it either way.
 
 use crate::listener::TlsReloader;
 use crate::metrics::ResultLabel;
@@ -12,23 +20,44 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// How often the files are checked for changes.
+/// How often the files are checked for changes. A change applies once two
+/// checks in a row see the same files: unchanged for at least this long.
 const POLL: Duration = Duration::from_millis(250);
 
-/// One hash per watched file (a missing file hashes its error kind).
-async fn fingerprint(paths: &[PathBuf]) -> Vec<u64> {
+/// What one check sees of one watched file: its content's hash and, when it
+/// could be read, its size and modification time. The content decides
+/// whether the file changed; all three must hold still for it to settle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Seen {
+    content: u64,
+    meta: Option<(u64, Option<std::time::SystemTime>)>,
+}
+
+/// What one check sees of every watched file (a missing file hashes its
+/// error kind).
+async fn fingerprint(paths: &[PathBuf]) -> Vec<Seen> {
     let mut out = Vec::with_capacity(paths.len());
     for p in paths {
-        out.push(match tokio::fs::read(p).await {
+        let meta = tokio::fs::metadata(p)
+            .await
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()));
+        let content = match tokio::fs::read(p).await {
             Ok(bytes) => crate::config::content_hash(&bytes),
             Err(e) => {
                 let mut h = DefaultHasher::new();
                 e.kind().hash(&mut h);
                 h.finish()
             }
-        });
+        };
+        out.push(Seen { content, meta });
     }
     out
+}
+
+/// Whether two checks saw different content in any file.
+fn content_differs(a: &[Seen], b: &[Seen]) -> bool {
+    a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.content != y.content)
 }
 
 fn watched(app: &App, tls: &Option<TlsReloader>) -> Vec<PathBuf> {
@@ -74,10 +103,15 @@ pub async fn watch(
     #[cfg(not(unix))]
     let _ = hangup;
     let mut paths = watched(&app, &tls);
-    let mut last = fingerprint(&paths).await;
-    // The config as loaded at start, not as it is now: a version written
-    // between the load and this point must still count as a change.
-    last[0] = app.snapshot().config.source_hash;
+    // What the running config was loaded from: the config as loaded at
+    // start, not as it is now, so that a version written between the load
+    // and this point still counts as a change.
+    let mut applied = fingerprint(&paths).await;
+    applied[0].content = app.snapshot().config.source_hash;
+    // A change seen by the previous check and not applied yet: it applies
+    // when the next check sees exactly the same, so that a file caught
+    // half-written (an editor saving in place, a slow copy) never applies.
+    let mut pending: Option<Vec<Seen>> = None;
     let mut tick = tokio::time::interval(POLL);
     loop {
         #[cfg(unix)]
@@ -95,16 +129,24 @@ pub async fn watch(
             _ = shutdown.changed() => return,
         };
         let now = fingerprint(&paths).await;
-        if !forced && now == last {
-            continue;
+        if !forced {
+            if !content_differs(&now, &applied) {
+                pending = None;
+                continue;
+            }
+            if pending.as_ref() != Some(&now) {
+                pending = Some(now);
+                continue;
+            }
         }
+        pending = None;
         let source = app.snapshot().config.source.clone();
         reload_once(&app, &tls, &source);
         // Remember what was there before the load, so a write that lands
         // during the reload is seen as a change on the next tick. The TLS
         // file paths may have changed with the config.
         let new_paths = watched(&app, &tls);
-        last = if new_paths == paths {
+        applied = if new_paths == paths {
             now
         } else {
             fingerprint(&new_paths).await
