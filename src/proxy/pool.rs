@@ -138,6 +138,8 @@ impl TargetPool {
     /// ready for the next request. A connection whose answer framed its body
     /// two ways is not put back: which framing the upstream meant is
     /// unknown, so what follows on it cannot be trusted to be the next answer.
+    // The error is hyper's own, and carries the unsent request back by design.
+    #[allow(clippy::result_large_err)]
     fn hand_over<'a>(
         &'a self,
         mut tx: SendRequest<ForwardBody>,
