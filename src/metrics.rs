@@ -215,6 +215,10 @@ pub struct Snapshot {
     pub store_errors: u64,
     /// Total store lookup time, seconds.
     pub store_lookup_seconds: f64,
+    /// Whether the key store's circuit breaker is open.
+    pub store_breaker_open: bool,
+    /// Times the key store's circuit breaker opened.
+    pub store_breaker_trips: u64,
     /// Whether the rate limiter runs on its Redis fallback.
     pub ratelimit_fallback: bool,
     /// Redis rate-limit calls.
@@ -439,6 +443,11 @@ impl Metrics {
             s.store_lookup_seconds,
         );
         counter(
+            "store_breaker_trips",
+            "Times the key store's circuit breaker opened (lookups failing or timing out)",
+            s.store_breaker_trips as f64,
+        );
+        counter(
             "ratelimit_redis_calls",
             "Rate-limit calls to Redis",
             s.ratelimit_redis_calls as f64,
@@ -452,6 +461,11 @@ impl Metrics {
             out,
             "# HELP portcullis_ratelimit_fallback 1 while Redis fails and on_store_error applies\n# TYPE portcullis_ratelimit_fallback gauge\nportcullis_ratelimit_fallback {}\n",
             u8::from(s.ratelimit_fallback)
+        );
+        let _ = write!(
+            out,
+            "# HELP portcullis_store_breaker_open 1 while the key store fails: stale-cached keys are served, uncached ones refused, one probe at a time\n# TYPE portcullis_store_breaker_open gauge\nportcullis_store_breaker_open {}\n",
+            u8::from(s.store_breaker_open)
         );
         out.push_str("# EOF\n");
         out

@@ -230,6 +230,8 @@ impl App {
             store_lookups: load(&s.lookups),
             store_errors: load(&s.errors),
             store_lookup_seconds: load(&s.lookup_micros) as f64 / 1e6,
+            store_breaker_open: self.keys.breaker().is_open(),
+            store_breaker_trips: load(&self.keys.breaker().trips),
             ratelimit_fallback: self.limiter.fallback_active(),
             ratelimit_redis_calls: rl.redis_calls,
             ratelimit_redis_errors: rl.redis_errors,

@@ -90,10 +90,17 @@ impl ApiError {
     /// Maps a store failure: 503 when it cannot be reached, 409 on a conflict, else 500.
     pub fn store(e: &StoreError) -> Self {
         match e {
-            StoreError::Unavailable(_) | StoreError::Timeout => Self::new(
+            StoreError::Unavailable(_) | StoreError::Timeout | StoreError::CircuitOpen => {
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "STORE_UNAVAILABLE",
+                    "the key store is unavailable; the change may not have been applied: retry",
+                )
+            }
+            StoreError::ReadOnly(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "STORE_UNAVAILABLE",
-                "the key store is unavailable; the change may not have been applied: retry",
+                "the key store refuses writes (out of memory or read-only); the change may not have been applied: retry once it accepts writes",
             ),
             StoreError::Conflict(_) => Self::new(
                 StatusCode::CONFLICT,

@@ -255,22 +255,39 @@ async fn route(
     Ok(reply.to_response())
 }
 
-/// 200 when a config is loaded and the store answers a ping within its timeout; else 503.
+/// 200 when a config is loaded and the store answers, and accepts a write,
+/// within its timeout; else 503. The body says which check failed, and
+/// whether the key cache's circuit breaker is holding lookups off.
 async fn readyz(app: &App) -> Response<ResponseBody> {
     let snap = app.snapshot();
-    let store = match tokio::time::timeout(snap.config.store.timeout, app.keys.store().ping()).await
+    let store = match tokio::time::timeout(snap.config.store.timeout, app.keys.store().ready())
+        .await
     {
         Ok(Ok(())) => "ok",
         Ok(Err(e)) => {
-            tracing::debug!(target: "portcullis::admin", error = %e, "readiness: key store ping failed");
-            "unavailable"
+            tracing::debug!(target: "portcullis::admin", error = %e, "readiness: key store check failed");
+            match e {
+                crate::keys::StoreError::ReadOnly(_) => "read_only",
+                crate::keys::StoreError::Timeout => "timeout",
+                _ => "unavailable",
+            }
         }
         Err(_) => "timeout",
     };
     let ready = store == "ok";
+    let breaker = if app.keys.breaker().is_open() {
+        "open"
+    } else {
+        "closed"
+    };
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "unavailable" },
-        "checks": { "config": "ok", "config_version": snap.version, "store": store },
+        "checks": {
+            "config": "ok",
+            "config_version": snap.version,
+            "store": store,
+            "store_breaker": breaker,
+        },
     });
     let status = if ready {
         StatusCode::OK

@@ -1,9 +1,11 @@
 //! The local cache of key records in front of the store. A cached key costs
 //! no store round trip; concurrent misses for one digest share one lookup;
 //! while the store is down, keys seen recently keep working for
-//! `stale_if_error`. Invalidated by key id on every change (admin writes,
+//! `stale_if_error`, and a circuit breaker ([`Breaker`]) spares them the
+//! store's timeout while it stalls. Invalidated by key id on every change (admin writes,
 //! Redis pub/sub, SQLite `data_version`), with the TTL as a backstop.
 
+use super::breaker::Breaker;
 use crate::config::Cache as CacheSettings;
 use crate::context::AuthedKey;
 use crate::keys::{Digest, SharedStore, StoreError};
@@ -26,6 +28,16 @@ enum Entry {
     Missing {
         at: Instant,
     },
+}
+
+/// Frees the breaker's probe slot when a probing request is dropped before
+/// its lookup reported (a client that went away mid-lookup).
+struct ProbeGuard<'a>(&'a Breaker);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.probe_abandoned();
+    }
 }
 
 type Lookup = Result<Option<Arc<AuthedKey>>, Arc<StoreError>>;
@@ -57,6 +69,7 @@ pub struct KeyCache {
     /// invalidation cannot put a stale record back.
     generation: AtomicU64,
     used: DashMap<String, i64, RandomState>,
+    breaker: Arc<Breaker>,
     /// Hit/miss/stale counters.
     pub stats: CacheStats,
 }
@@ -70,6 +83,7 @@ impl KeyCache {
             inflight: DashMap::default(),
             generation: AtomicU64::new(0),
             used: DashMap::default(),
+            breaker: Arc::default(),
             stats: CacheStats::default(),
         }
     }
@@ -81,7 +95,8 @@ impl KeyCache {
 
     /// The record for a digest: from the cache when fresh, else from the store
     /// (one lookup however many requests wait for it). `Err` only when the
-    /// store failed and no usable stale entry exists.
+    /// store failed (or the breaker holds it off) and no usable stale entry
+    /// exists.
     pub async fn get(
         &self,
         digest: &Digest,
@@ -115,6 +130,20 @@ impl KeyCache {
             }
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let mut probe = None;
+        if self.breaker.is_open() {
+            if !self.breaker.try_probe() {
+                return self.stale_or(stale, self.breaker.open_error());
+            }
+            if let Some(rec) = stale {
+                // The probe runs on its own: this request has its answer.
+                self.probe_in_background(*digest);
+                self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(rec));
+            }
+            // No stale record: this request's own lookup is the probe.
+            probe = Some(ProbeGuard(&self.breaker));
+        }
         let generation = self.generation.load(Ordering::Acquire);
         let cell = self
             .inflight
@@ -131,6 +160,7 @@ impl KeyCache {
                     .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
                 match r {
                     Ok(rec) => {
+                        self.breaker.succeeded();
                         let rec = rec.map(|r| Arc::new(AuthedKey::new(r)));
                         if self.generation.load(Ordering::Acquire) == generation {
                             let entry = match &rec {
@@ -147,6 +177,7 @@ impl KeyCache {
                     }
                     Err(e) => {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        self.breaker.failed(&e);
                         Err(Arc::new(e))
                     }
                 }
@@ -155,16 +186,40 @@ impl KeyCache {
             .clone();
         self.inflight
             .remove_if(digest, |_, c| Arc::ptr_eq(c, &cell));
+        drop(probe);
         match result {
-            Err(e) => match stale {
-                Some(rec) => {
-                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
-                    Ok(Some(rec))
-                }
-                None => Err(e),
-            },
+            Err(e) => self.stale_or(stale, e),
             ok => ok,
         }
+    }
+
+    /// The stale record when there is one (counted), else the store's error.
+    fn stale_or(&self, stale: Option<Arc<AuthedKey>>, e: Arc<StoreError>) -> Lookup {
+        match stale {
+            Some(rec) => {
+                self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(rec))
+            }
+            None => Err(e),
+        }
+    }
+
+    /// Checks, off any request, whether the store answers again: one lookup
+    /// whose outcome closes the breaker or backs it off. Its record is not
+    /// kept (a later lookup, with the breaker closed, fetches it anew).
+    fn probe_in_background(&self, digest: Digest) {
+        let (store, breaker) = (self.store.clone(), self.breaker.clone());
+        tokio::spawn(async move {
+            match store.lookup(&digest).await {
+                Ok(_) => breaker.succeeded(),
+                Err(e) => breaker.failed(&e),
+            }
+        });
+    }
+
+    /// The key store's circuit breaker.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 
     /// Drops every cached digest of a key id (it was changed or revoked).

@@ -4,6 +4,7 @@
 //! origin and permissions, each with its own error code. Never touches the
 //! store on a cached key; never logs or forwards a secret.
 
+pub mod breaker;
 pub mod cache;
 
 pub use cache::KeyCache;

@@ -143,6 +143,14 @@ pub enum StoreError {
     /// The id or digest already exists.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The store answers but refuses writes (Redis out of memory or a
+    /// read-only replica). Reads still work.
+    #[error("key store refuses writes: {0}")]
+    ReadOnly(String),
+    /// Not asked: the store failed recently and has not answered since
+    /// (the key cache's circuit breaker is open).
+    #[error("key store failing; not asked until it answers again")]
+    CircuitOpen,
     /// The store URL or options are invalid.
     #[error("invalid store configuration: {0}")]
     Config(String),
@@ -188,6 +196,11 @@ pub trait KeyStore: Send + Sync + 'static {
     fn touch<'a>(&'a self, used: &'a [(String, Timestamp)]) -> BoxFuture<'a, StoreResult<()>>;
     /// Checks the store answers.
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>>;
+    /// Checks the store answers and accepts writes (readiness). By default
+    /// the same as [`KeyStore::ping`].
+    fn ready(&self) -> BoxFuture<'_, StoreResult<()>> {
+        self.ping()
+    }
     /// Starts watching for changes made by other writers (other gateway
     /// instances, the CLI) and sends them on `tx` until it is closed.
     fn watch(&self, tx: tokio::sync::mpsc::UnboundedSender<KeyEvent>);

@@ -39,6 +39,8 @@ pub const CHANNEL: &str = "portcullis:keys";
 const IDS_KEY: &str = "pc:ids";
 /// Prefix of the digest → id strings.
 const DIGEST_PREFIX: &str = "pc:dig:";
+/// Written (with a short expiry) by the readiness check.
+const READY_KEY: &str = "pc:ready";
 
 /// First and longest wait between resubscribe attempts of the watcher.
 const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -185,6 +187,8 @@ pub struct RedisStore {
 fn redis_err(e: RedisError) -> StoreError {
     if e.is_timeout() {
         StoreError::Timeout
+    } else if matches!(e.code(), Some("OOM" | "READONLY")) {
+        StoreError::ReadOnly(format!("redis: {e}"))
     } else {
         StoreError::Unavailable(format!("redis: {e}"))
     }
@@ -776,6 +780,22 @@ impl KeyStore for RedisStore {
         Box::pin(
             self.bounded(async move { self.query::<Value>(&::redis::cmd("PING")).await.map(drop) }),
         )
+    }
+
+    /// A write that expires: Redis out of memory (`maxmemory` with
+    /// `noeviction`) still answers PING and reads, but refuses this.
+    fn ready(&self) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(self.bounded(async move {
+            self.query::<Value>(
+                ::redis::cmd("SET")
+                    .arg(READY_KEY)
+                    .arg(crate::time::Timestamp::now().0)
+                    .arg("PX")
+                    .arg(10_000),
+            )
+            .await
+            .map(drop)
+        }))
     }
 
     /// Subscribes to [`CHANNEL`] and sends [`KeyEvent::Changed`] for every
