@@ -477,6 +477,8 @@ async fn redis_out_of_memory_refuses_key_creation_with_503_and_still_enforces_li
     .await;
     let admin = Admin::new(gw.admin_addr);
     let (_, cached) = admin.create_key("ws_oom", &["sms.read"]).await;
+    // Never used before the rotation below: every check of it asks the store.
+    let (other_id, other) = admin.create_key("ws_oom", &["sms.read"]).await;
     let auth = bearer(&cached);
     let client = TestClient::h1(None);
     let r = client
@@ -512,6 +514,46 @@ async fn redis_out_of_memory_refuses_key_creation_with_503_and_still_enforces_li
     assert_eq!(list.status, 200, "{}", list.text());
     assert_eq!(list.json()["data"], serde_json::json!([]), "no key listed");
 
+    // A rotation either happens whole (new secret works, old refused) or
+    // not at all (503, old secret works): never a key with neither.
+    let r = admin
+        .call(
+            "POST",
+            &format!("/admin/v1/keys/{other_id}/rotate"),
+            Some(serde_json::json!({"grace": "0s"})),
+        )
+        .await;
+    let status_with = |secret: String| {
+        let (client, url) = (&client, gw.url("/v1/sms/rotated"));
+        async move {
+            client
+                .get_with(&url, &[("authorization", &bearer(&secret))])
+                .await
+                .status
+        }
+    };
+    match r.status.as_u16() {
+        200 => {
+            let new = r.json()["secret"].as_str().expect("new secret").to_string();
+            assert_eq!(status_with(new).await, 200, "the new secret works");
+            assert_eq!(
+                status_with(other.clone()).await,
+                401,
+                "the old one is refused"
+            );
+        }
+        503 => {
+            r.assert_error(503, "STORE_UNAVAILABLE");
+            assert_eq!(
+                status_with(other.clone()).await,
+                200,
+                "the old secret still works"
+            );
+        }
+        s => panic!("rotation under OOM: {s} {}", r.text()),
+    }
+    println!("rotation under OOM answered {}", r.status);
+
     // The cached key still authenticates, and its plan limit still yields
     // 429s (the limiter's local fallback): at most the limit gets through.
     let mut statuses = Vec::new();
@@ -529,6 +571,10 @@ async fn redis_out_of_memory_refuses_key_creation_with_503_and_still_enforces_li
         }
         statuses.push(r.status.as_u16());
     }
+    assert!(
+        gw.app().limiter.fallback_active(),
+        "the limiter runs on its on_store_error fallback"
+    );
     let ok = statuses.iter().filter(|&&s| s == 200).count();
     assert!(
         (1..=5).contains(&ok),
