@@ -150,7 +150,18 @@ async fn upstream_killed_mid_body_reaches_the_client_as_an_abort_never_a_complet
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusing_upstream_is_a_fast_502_and_leaks_no_file_descriptor() {
     let closed = format!("http://127.0.0.1:{}", free_port());
-    let gw = gateway_to(&closed, "connect_timeout = \"5s\"").await;
+    // The real binary: its descriptors are its own, whatever other tests
+    // running in this process open meanwhile.
+    let mut gw = tokio::task::block_in_place(|| {
+        spawn_gateway_process(&keyed_config(
+            "",
+            "url = \"sqlite://keys.db\"",
+            "",
+            &closed,
+            "connect_timeout = \"5s\"",
+        ))
+    });
+    let pid = gw.child.id();
     let client = TestClient::h1(None);
     let url = gw.url("/v1/open/x");
     // 8 at a time; returns the slowest answer after checking each is a 502.
@@ -172,7 +183,7 @@ async fn refusing_upstream_is_a_fast_502_and_leaks_no_file_descriptor() {
     };
     // Warm up: the client's connections, the gateway's first allocations.
     burst(50).await;
-    let fds_before = open_fds(None);
+    let fds_before = open_fds(Some(pid));
     let slowest = burst(300).await;
     assert!(
         slowest < Duration::from_secs(1),
@@ -180,16 +191,18 @@ async fn refusing_upstream_is_a_fast_502_and_leaks_no_file_descriptor() {
     );
     // Closing a socket may lag its request a little: poll, don't sleep.
     eventually(
-        "the open file descriptors to settle",
+        "the gateway's open file descriptors to settle",
         Duration::from_secs(5),
-        || async { open_fds(None) <= fds_before + 8 },
+        || async { open_fds(Some(pid)) <= fds_before + 8 },
     )
     .await;
     println!(
-        "refused upstream: slowest 502 {slowest:?}; fds {fds_before} -> {}",
-        open_fds(None)
+        "refused upstream: slowest 502 {slowest:?}; gateway fds {fds_before} -> {}",
+        open_fds(Some(pid))
     );
-    gw.shutdown().await;
+    gw.signal("TERM");
+    let status = tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10)));
+    assert_eq!(status.code(), Some(0), "{}", gw.output());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
