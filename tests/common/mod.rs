@@ -25,6 +25,7 @@
 //! `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]`.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod redis;
 
 use bytes::Bytes;
