@@ -10,6 +10,7 @@ use crate::context::{
     ConnInfo, RateVerdict, RequestBody, RequestCtx, RequestId, ResponseBody, Seen, full_body, names,
 };
 use crate::error::{ErrorSource, GatewayError};
+use crate::logging::Repeats;
 use crate::ratelimit::{Decision, LimitRequest};
 use crate::server::{App, Snapshot};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -66,7 +67,10 @@ pub fn handle(
             // Connection-specific headers are illegal in HTTP/2.
             resp.headers_mut().remove(header::CONNECTION);
         }
-        log_and_count(&resp, &ctx, app);
+        let promised = log_and_count(&resp, &ctx, app);
+        if let http_body_util::Either::Left(body) = resp.body_mut() {
+            body.report_cut_as(&mut ctx, promised);
+        }
         resp
     }
 }
@@ -304,16 +308,33 @@ fn record_error(e: &GatewayError, ctx: &RequestCtx, app: &App) {
     }
     match e.source() {
         ErrorSource::Client => {}
+        // A dead upstream fails every request sent to it: summarised, and
+        // the per-upstream count is in `portcullis_upstream_errors_total`.
         ErrorSource::Upstream => {
-            tracing::warn!(request_id = %ctx.request_id, upstream = ctx.upstream.as_deref().unwrap_or("-"), error = %e, "upstream failed")
+            static REPEATS: Repeats = Repeats::new(|suppressed| {
+                tracing::warn!(suppressed, "upstream failed: repeats summarised")
+            });
+            if let Some(suppressed) = REPEATS.admit() {
+                tracing::warn!(request_id = %ctx.request_id, upstream = ctx.upstream.as_deref().unwrap_or("-"), error = %e, suppressed, "upstream failed")
+            }
         }
         ErrorSource::Internal => {
-            tracing::error!(request_id = %ctx.request_id, error = %e, "request failed inside the gateway")
+            static REPEATS: Repeats = Repeats::new(|suppressed| {
+                tracing::error!(
+                    suppressed,
+                    "request failed inside the gateway: repeats summarised"
+                )
+            });
+            if let Some(suppressed) = REPEATS.admit() {
+                tracing::error!(request_id = %ctx.request_id, error = %e, suppressed, "request failed inside the gateway")
+            }
         }
     }
 }
 
-fn log_and_count(resp: &Response<ResponseBody>, ctx: &RequestCtx, app: &App) {
+/// Writes the access line and the request metrics; returns the answer's
+/// `Content-Length`, if any.
+fn log_and_count(resp: &Response<ResponseBody>, ctx: &RequestCtx, app: &App) -> Option<u64> {
     static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("none"));
     let status = resp.status().as_u16();
     let elapsed = ctx.start.elapsed();
@@ -326,6 +347,7 @@ fn log_and_count(resp: &Response<ResponseBody>, ctx: &RequestCtx, app: &App) {
     app.metrics
         .observe_request(route, &ctx.method, status, elapsed.as_secs_f64(), upstream);
     let key = ctx.identity.as_ref().map(|i| &*i.key);
+    let length = content_length(resp.headers());
     // The path is the canonical path without the query: a query-string
     // credential never reaches the log.
     tracing::info!(
@@ -338,10 +360,11 @@ fn log_and_count(resp: &Response<ResponseBody>, ctx: &RequestCtx, app: &App) {
         upstream = ctx.upstream.as_deref().unwrap_or("-"),
         key_id = key.map_or("-", |k| k.id.as_str()),
         workspace = key.map_or("-", |k| k.workspace.as_str()),
-        bytes = content_length(resp.headers()).unwrap_or(0),
+        bytes = length.unwrap_or(0),
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         peer = %ctx.conn.peer.ip(),
     );
+    length
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
