@@ -158,3 +158,52 @@ async fn a_cut_upstream_body_is_logged_with_the_bytes_sent() {
     assert_eq!(access.len(), 1, "{access:#?}");
     assert_eq!(access[0]["request_id"], "cut-body-1");
 }
+
+/// A client that leaves while its request waits on the upstream: the access
+/// log still gets the request (499, naming the upstream it went to), and
+/// its in-flight slot is given back: with `max_in_flight = 1` the next
+/// request is served, not refused as overloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_leaves_is_logged_and_frees_its_slot() {
+    let slow = SlowUpstream::start(Duration::from_secs(2)).await;
+    let echo = EchoUpstream::start().await;
+    let toml = gateway_toml(None, "max_in_flight = 1")
+        + &open_route("slow", &slow.url())
+        + &open_route("echo", &echo.url());
+    let p = spawn_gateway_process_with(&toml, &["--log-format", "json"]);
+
+    let mut tcp = tokio::net::TcpStream::connect(p.addr)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut tcp,
+        b"GET /v1/slow HTTP/1.1\r\nHost: gw\r\nX-Request-Id: left-early-1\r\n\r\n",
+    )
+    .await
+    .expect("send");
+    let start = Instant::now();
+    while slow.arrived() < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(tcp);
+
+    let is_it =
+        |e: &Value| e["target"] == "portcullis::access" && e["request_id"] == "left-early-1";
+    let ev = wait_log(
+        &p,
+        "the access line of the abandoned request",
+        Duration::from_secs(10),
+        |ev| ev.iter().any(is_it),
+    )
+    .await;
+    let line = ev.iter().find(|e| is_it(e)).expect("found above");
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["upstream"], "slow", "{line}");
+
+    let r = TestClient::h1(None).get(&p.url("/v1/echo")).await;
+    assert_eq!(r.status.as_u16(), 200, "the slot leaked: {}", r.text());
+}
