@@ -270,6 +270,8 @@ async fn serve(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
     wait_for_signal().await;
     tracing::info!("shutting down: no new connections; letting in-flight requests finish");
     gw.shutdown().await;
+    // Counts of summarised warnings still pending would be lost with the process.
+    crate::logging::repeats::flush_all();
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

@@ -12,7 +12,111 @@ use std::time::Instant;
 
 /// Body of every response the public listener sends: streamed from the
 /// upstream, or a small body the gateway made itself.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
+
+/// An upstream's response body on its way to the client. Counts the bytes
+/// passed on, so that a body the upstream cuts short (closed before its
+/// `Content-Length`, a bad chunk) is logged as cut: the access line,
+/// written when the head goes out, cannot know.
+pub struct UpstreamBody {
+    inner: Incoming,
+    sent: u64,
+    /// What a cut is reported with; taken by the first error.
+    about: Option<CutReport>,
+}
+
+/// Who a cut body belongs to, for its warning.
+struct CutReport {
+    request_id: RequestId,
+    route: Option<Arc<str>>,
+    upstream: Option<Arc<str>>,
+    promised: Option<u64>,
+}
+
+impl UpstreamBody {
+    /// The upstream's body, passed through.
+    pub fn new(inner: Incoming) -> Self {
+        UpstreamBody {
+            inner,
+            sent: 0,
+            about: None,
+        }
+    }
+
+    /// Names the request, route and upstream a cut is reported under, and
+    /// the length the upstream promised (its `Content-Length`, if any).
+    /// Takes them from the request's context, which is done with them: no
+    /// copy, not even a reference count.
+    pub fn report_cut_as(&mut self, ctx: &mut RequestCtx, promised: Option<u64>) {
+        self.about = Some(CutReport {
+            request_id: std::mem::replace(&mut ctx.request_id, RequestId::unknown()),
+            route: ctx.route.take(),
+            upstream: ctx.upstream.take(),
+            promised,
+        });
+    }
+
+    #[cold]
+    fn cut(&mut self, e: &hyper::Error) {
+        // Once per body: hyper stops polling after an error anyway.
+        let Some(about) = self.about.take() else {
+            return;
+        };
+        // An upstream dying mid-body under load cuts every answer it was
+        // streaming: summarised like the other per-request warnings.
+        static REPEATS: crate::logging::Repeats = crate::logging::Repeats::new(|suppressed| {
+            tracing::warn!(suppressed, "upstream body cut short: repeats summarised")
+        });
+        if let Some(suppressed) = REPEATS.admit() {
+            tracing::warn!(
+                request_id = %about.request_id,
+                route = about.route.as_deref().unwrap_or("none"),
+                upstream = about.upstream.as_deref().unwrap_or("-"),
+                bytes_sent = self.sent,
+                bytes_promised = about.promised,
+                error = %e,
+                suppressed,
+                "upstream body cut short; the client got an incomplete answer"
+            );
+        }
+    }
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent += data.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(Some(Err(e))) => self.cut(e),
+            _ => {}
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("sent", &self.sent)
+            .finish()
+    }
+}
 
 /// Told by a request's body when the client's last body byte has been read,
 /// so that the connection knows the request is over on the wire (see

@@ -1,7 +1,13 @@
 //! Log output: `tracing-subscriber`, human-readable by default or one JSON
 //! object per line. `RUST_LOG` wins over the config's level; otherwise a
 //! reload applies a new `[log] level` live. Access lines use the target
-//! `portcullis::access`, so they can be filtered on their own.
+//! `portcullis::access`, so they can be filtered on their own. Warnings
+//! that a fault repeats per request or per connection go through
+//! [`repeats`], which summarises them.
+
+pub mod repeats;
+
+pub use repeats::Repeats;
 
 use crate::config::LogFormat;
 use std::sync::OnceLock;

@@ -10,6 +10,7 @@ use crate::context::{
     ConnInfo, RateVerdict, RequestBody, RequestCtx, RequestId, ResponseBody, Seen, full_body, names,
 };
 use crate::error::{ErrorSource, GatewayError};
+use crate::logging::Repeats;
 use crate::ratelimit::{Decision, LimitRequest};
 use crate::server::{App, Snapshot};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -41,35 +42,79 @@ pub fn handle(
             .flatten()
             .filter(|id| !snap.config.key_format.carries_key(id.as_str().as_bytes()))
             .unwrap_or_else(|| app.ids.next());
-        let mut ctx = RequestCtx::new(conn, req.method().clone(), request_id, seen);
+        let mut open = Unanswered {
+            ctx: RequestCtx::new(conn, req.method().clone(), request_id, seen),
+            app,
+            in_flight: false,
+            logged: false,
+        };
+        let Unanswered {
+            ctx,
+            in_flight,
+            logged,
+            ..
+        } = &mut open;
         let h2 = req.version() == http::Version::HTTP_2;
 
         let max = snap.config.server.max_in_flight;
+        *in_flight = true;
         let result = if app.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
             Err(GatewayError::Overloaded)
         } else {
             // Not boxed: hyper keeps the whole request future in its one
             // box per connection, so a request costs no allocation for it.
-            inner(req, &mut ctx, &snap, app).await
+            inner(req, ctx, &snap, app).await
         };
         app.in_flight.fetch_sub(1, Ordering::Relaxed);
+        *in_flight = false;
 
         let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
-                record_error(&e, &ctx, app);
+                record_error(&e, ctx, app);
                 e.to_response(ctx.request_id.as_str())
             }
         };
-        finish(&mut resp, &ctx);
+        finish(&mut resp, ctx);
         if h2 {
             // Connection-specific headers are illegal in HTTP/2.
             resp.headers_mut().remove(header::CONNECTION);
         }
-        log_and_count(&resp, &ctx, app);
+        let promised = log_and_count(&resp, ctx, app);
+        *logged = true;
+        if let http_body_util::Either::Left(body) = resp.body_mut() {
+            body.report_cut_as(ctx, promised);
+        }
         resp
     }
 }
+
+/// A request between its arrival and its access line. When the client goes
+/// away first, hyper drops the request's future at its `.await`: the drop
+/// then gives back the in-flight slot (else it leaks, and enough of them
+/// refuse every request as overloaded) and writes the access line with 499
+/// (client closed), so that the log still counts what went upstream.
+struct Unanswered<'a> {
+    ctx: RequestCtx,
+    app: &'a App,
+    in_flight: bool,
+    logged: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.in_flight {
+            self.app.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        if !self.logged {
+            access(&self.ctx, self.app, CLIENT_CLOSED, None);
+        }
+    }
+}
+
+/// The status logged for a request whose client left before its answer
+/// (nginx's convention; never sent).
+const CLIENT_CLOSED: u16 = 499;
 
 /// The straight run of stages; any `?` ends the request with that error.
 #[allow(clippy::manual_async_fn)] // on purpose: see `handle`
@@ -304,18 +349,41 @@ fn record_error(e: &GatewayError, ctx: &RequestCtx, app: &App) {
     }
     match e.source() {
         ErrorSource::Client => {}
+        // A dead upstream fails every request sent to it: summarised, and
+        // the per-upstream count is in `portcullis_upstream_errors_total`.
         ErrorSource::Upstream => {
-            tracing::warn!(request_id = %ctx.request_id, upstream = ctx.upstream.as_deref().unwrap_or("-"), error = %e, "upstream failed")
+            static REPEATS: Repeats = Repeats::new(|suppressed| {
+                tracing::warn!(suppressed, "upstream failed: repeats summarised")
+            });
+            if let Some(suppressed) = REPEATS.admit() {
+                tracing::warn!(request_id = %ctx.request_id, upstream = ctx.upstream.as_deref().unwrap_or("-"), error = %e, suppressed, "upstream failed")
+            }
         }
         ErrorSource::Internal => {
-            tracing::error!(request_id = %ctx.request_id, error = %e, "request failed inside the gateway")
+            static REPEATS: Repeats = Repeats::new(|suppressed| {
+                tracing::error!(
+                    suppressed,
+                    "request failed inside the gateway: repeats summarised"
+                )
+            });
+            if let Some(suppressed) = REPEATS.admit() {
+                tracing::error!(request_id = %ctx.request_id, error = %e, suppressed, "request failed inside the gateway")
+            }
         }
     }
 }
 
-fn log_and_count(resp: &Response<ResponseBody>, ctx: &RequestCtx, app: &App) {
+/// Writes the access line and the request metrics; returns the answer's
+/// `Content-Length`, if any.
+fn log_and_count(resp: &Response<ResponseBody>, ctx: &RequestCtx, app: &App) -> Option<u64> {
+    let length = content_length(resp.headers());
+    access(ctx, app, resp.status().as_u16(), length);
+    length
+}
+
+/// The request metrics and the access line of a request answered `status`.
+fn access(ctx: &RequestCtx, app: &App, status: u16, length: Option<u64>) {
     static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("none"));
-    let status = resp.status().as_u16();
     let elapsed = ctx.start.elapsed();
     let route = ctx.route.as_ref().unwrap_or(&NO_ROUTE);
     let upstream = ctx
@@ -338,7 +406,7 @@ fn log_and_count(resp: &Response<ResponseBody>, ctx: &RequestCtx, app: &App) {
         upstream = ctx.upstream.as_deref().unwrap_or("-"),
         key_id = key.map_or("-", |k| k.id.as_str()),
         workspace = key.map_or("-", |k| k.workspace.as_str()),
-        bytes = content_length(resp.headers()).unwrap_or(0),
+        bytes = length.unwrap_or(0),
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         peer = %ctx.conn.peer.ip(),
     );

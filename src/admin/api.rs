@@ -51,7 +51,13 @@ fn log_failure(
     e: &ApiError,
     cause: &dyn std::fmt::Display,
 ) {
-    if e.is_server_side() {
+    // A store outage fails every admin call (and every self-service one).
+    static REPEATS: crate::logging::Repeats = crate::logging::Repeats::new(
+        |suppressed| tracing::warn!(target: "portcullis::admin", suppressed, "key store call failed: repeats summarised"),
+    );
+    if e.is_server_side()
+        && let Some(suppressed) = REPEATS.admit()
+    {
         tracing::warn!(
             target: "portcullis::admin",
             actor = actor.kind,
@@ -59,6 +65,7 @@ fn log_failure(
             key_id,
             request_id = actor.request_id,
             error = %cause,
+            suppressed,
             "key store call failed"
         );
     }

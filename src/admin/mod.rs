@@ -59,7 +59,13 @@ pub async fn serve(
             r = l.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(target: "portcullis::admin", error = %e, "admin accept failed");
+                    static REPEATS: crate::logging::Repeats =
+                        crate::logging::Repeats::new(|suppressed| {
+                            tracing::warn!(target: "portcullis::admin", suppressed, "admin accept failed: repeats summarised")
+                        });
+                    if let Some(suppressed) = REPEATS.admit() {
+                        tracing::warn!(target: "portcullis::admin", error = %e, suppressed, "admin accept failed");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }

@@ -100,8 +100,15 @@ pub async fn serve_public(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: back off briefly instead of spinning,
+                    // and say so once per interval rather than 20 times a second.
+                    static REPEATS: crate::logging::Repeats =
+                        crate::logging::Repeats::new(|suppressed| {
+                            tracing::warn!(suppressed, "accept failed: repeats summarised")
+                        });
+                    if let Some(suppressed) = REPEATS.admit() {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }

@@ -8,7 +8,7 @@ pub mod headers;
 pub mod pool;
 
 use crate::config::{Route, Upstream};
-use crate::context::{RequestBody, RequestCtx, ResponseBody, Seen, names};
+use crate::context::{RequestBody, RequestCtx, ResponseBody, Seen, UpstreamBody, names};
 use crate::error::GatewayError;
 use crate::keys::{Environment, KeyFormat};
 use futures_util::FutureExt;
@@ -312,7 +312,10 @@ fn answer(
                 }
             });
             let (parts, body) = resp.into_parts();
-            return Ok(Response::from_parts(parts, Either::Left(body)));
+            return Ok(Response::from_parts(
+                parts,
+                Either::Left(UpstreamBody::new(body)),
+            ));
         }
         return Err(GatewayError::UpstreamUnavailable(
             "unexpected 101 from upstream (only a WebSocket upgrade asked for is spliced)".into(),
@@ -333,7 +336,10 @@ fn answer(
     // whatever the upstream spoke: an HTTP/1.0 upstream must not turn the
     // client's HTTP/1.1 keep-alive connection into HTTP/1.0.
     parts.version = http::Version::HTTP_11;
-    Ok(Response::from_parts(parts, Either::Left(body)))
+    Ok(Response::from_parts(
+        parts,
+        Either::Left(UpstreamBody::new(body)),
+    ))
 }
 
 /// Maps a send error. The client's body failing on the way is the client's
