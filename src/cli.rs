@@ -259,7 +259,8 @@ async fn serve(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
         Some(LogFormatArg::Human) => LogFormat::Human,
         None => cfg.log.format,
     };
-    crate::logging::init(format, &cfg.log.level);
+    // Held to the end: dropping it writes out the lines still queued.
+    let _log = crate::logging::init(format, &cfg.log.level);
     let gw = match crate::server::Gateway::start(cfg).await {
         Ok(g) => g,
         Err(e) => {

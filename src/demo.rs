@@ -158,7 +158,7 @@ permissions = ["billing.read"]
     let cfg_path = dir.join("demo.toml");
     std::fs::write(&cfg_path, text).map_err(|e| e.to_string())?;
     let cfg = crate::config::load(&cfg_path).map_err(|e| e.to_string())?;
-    crate::logging::init(crate::config::LogFormat::Human, "warn");
+    let _log = crate::logging::init(crate::config::LogFormat::Human, "warn");
     let gw = crate::server::Gateway::start(cfg)
         .await
         .map_err(|e| e.to_string())?;

@@ -309,6 +309,8 @@ pub struct GatewayProcess {
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
     readers: Vec<std::thread::JoinHandle<()>>,
+    /// Stdout not read yet ([`spawn_gateway_process_unread`]).
+    unread: Option<std::process::ChildStdout>,
 }
 
 /// Replaces `listen = …` in `[server]` and `[admin]` with the given ports.
@@ -362,6 +364,16 @@ pub fn spawn_gateway_process(toml: &str) -> GatewayProcess {
 /// [`spawn_gateway_process`] with extra arguments after `serve --config FILE`
 /// (e.g. `["--log-format", "json"]`).
 pub fn spawn_gateway_process_with(toml: &str, extra_args: &[&str]) -> GatewayProcess {
+    spawn(toml, extra_args, true)
+}
+
+/// [`spawn_gateway_process`] whose stdout is a pipe nobody reads (a stalled
+/// log collector) until [`GatewayProcess::read_stdout`].
+pub fn spawn_gateway_process_unread(toml: &str) -> GatewayProcess {
+    spawn(toml, &[], false)
+}
+
+fn spawn(toml: &str, extra_args: &[&str], read_stdout: bool) -> GatewayProcess {
     let dir = tempfile::tempdir().expect("temp dir for the gateway process");
     let config_path = dir.path().join("portcullis.toml");
     let (port, admin_port) = (free_port(), free_port());
@@ -382,10 +394,16 @@ pub fn spawn_gateway_process_with(toml: &str, extra_args: &[&str]) -> GatewayPro
         .expect("spawn portcullis serve");
     let stdout = Arc::new(Mutex::new(Vec::new()));
     let stderr = Arc::new(Mutex::new(Vec::new()));
-    let readers = vec![
-        capture(child.stdout.take().expect("stdout piped"), stdout.clone()),
-        capture(child.stderr.take().expect("stderr piped"), stderr.clone()),
-    ];
+    let mut readers = vec![capture(
+        child.stderr.take().expect("stderr piped"),
+        stderr.clone(),
+    )];
+    let mut unread = child.stdout.take();
+    if read_stdout {
+        if let Some(out) = unread.take() {
+            readers.push(capture(out, stdout.clone()));
+        }
+    }
     let mut p = GatewayProcess {
         child,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -396,12 +414,20 @@ pub fn spawn_gateway_process_with(toml: &str, extra_args: &[&str]) -> GatewayPro
         stdout,
         stderr,
         readers,
+        unread,
     };
     p.wait_ready(Duration::from_secs(30));
     p
 }
 
 impl GatewayProcess {
+    /// Starts reading a stdout left unread so far.
+    pub fn read_stdout(&mut self) {
+        if let Some(out) = self.unread.take() {
+            self.readers.push(capture(out, self.stdout.clone()));
+        }
+    }
+
     /// `http(s)://127.0.0.1:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         let scheme = if self.tls { "https" } else { "http" };

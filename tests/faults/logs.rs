@@ -4,6 +4,7 @@
 //! Each test runs the real binary with `--log-format json` and reads its
 //! stdout; readiness is a log line or a response, polled with a deadline.
 
+use crate::common::faults::{Admin, keyed_config};
 use crate::common::*;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -206,4 +207,80 @@ async fn a_request_whose_client_leaves_is_logged_and_frees_its_slot() {
 
     let r = TestClient::h1(None).get(&p.url("/v1/echo")).await;
     assert_eq!(r.status.as_u16(), 200, "the slot leaked: {}", r.text());
+}
+
+/// Stdout that stops being read (a stalled log collector) never stalls
+/// requests: access lines queue up to a bound, further lines are dropped and
+/// counted in `portcullis_log_lines_dropped_total`, and once stdout is read
+/// again every request is accounted for, logged or counted as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stdout_drops_counted_log_lines_instead_of_stalling_requests() {
+    // Past the queue and what the pipe holds (64 KiB, a few hundred lines).
+    const REQUESTS: usize = portcullis::logging::QUEUED_LINES + 2_000;
+    const CLIENTS: usize = 16;
+    let up = EchoUpstream::start().await;
+    let toml = keyed_config(
+        "",
+        "url = \"sqlite://keys.db\"",
+        "[log]\nlevel = \"info\"",
+        &up.url(),
+        "",
+    );
+    let mut p = spawn_gateway_process_unread(&toml);
+    let url = p.url("/v1/open/x");
+    let c = TestClient::h1(None);
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0;
+            for _ in (i..REQUESTS).step_by(CLIENTS) {
+                let r = tokio::time::timeout(Duration::from_secs(5), c.get(&url))
+                    .await
+                    .expect("a request stalled behind the unread stdout");
+                ok += usize::from(r.status.as_u16() == 200);
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.expect("client task");
+    }
+    assert_eq!(ok, REQUESTS, "every request answered 200");
+
+    let admin = Admin::new(p.admin_addr);
+    let dropped = || async {
+        let text = admin.call("GET", "/metrics", None).await.text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("portcullis_log_lines_dropped_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .expect("portcullis_log_lines_dropped_total in /metrics") as usize
+    };
+    let lost = dropped().await;
+    assert!(lost > 0, "the queue is bounded: lines past it are dropped");
+
+    // Read again: the queued lines come out, and logged + dropped = requests.
+    p.read_stdout();
+    let access = |p: &GatewayProcess| {
+        p.stdout()
+            .lines()
+            .filter(|l| l.contains("portcullis::access") && l.contains("/v1/open/x"))
+            .count()
+    };
+    let start = Instant::now();
+    while access(&p) + lost < REQUESTS {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} access lines + {lost} dropped < {REQUESTS} requests",
+            access(&p)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        access(&p) + lost,
+        REQUESTS,
+        "each request logged or counted once"
+    );
+    assert_eq!(dropped().await, lost, "nothing dropped once stdout is read");
 }
