@@ -347,6 +347,52 @@ async fn sqlite_data_survives_reopen() {
     assert_eq!(store.lookup(&d).await.unwrap().as_ref(), Some(&r));
 }
 
+/// Lookups run on read-only connections of their own: a write waiting for
+/// SQLite's write lock (here held by another process's transaction, as the
+/// `portcullis keys` CLI or a slow fsync would) does not hold up cold-cache
+/// lookups, which answer while it still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_lookups_do_not_wait_behind_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sqlite_path(&dir);
+    let store: SharedStore = Arc::new(SqliteStore::open(&path, TIMEOUT).unwrap());
+    let mut known = Vec::new();
+    for _ in 0..8 {
+        let (r, d) = (record("ws"), digest());
+        store.create(&r, &d).await.unwrap();
+        known.push((r, d));
+    }
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let write = {
+        let store = store.clone();
+        tokio::spawn(async move { store.create(&record("ws"), &digest()).await })
+    };
+    // Nothing signals that the write now waits on the lock; had it not
+    // started yet, the assertions below would pass on any build, so this
+    // wait can only make the test weaker, never flaky.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lookups = known.iter().map(|(r, d)| {
+        let store = store.clone();
+        let (id, d) = (r.id.clone(), *d);
+        async move { (id, store.lookup(&d).await) }
+    });
+    let started = Instant::now();
+    for (id, found) in futures_util::future::join_all(lookups).await {
+        assert_eq!(found.unwrap().map(|r| r.id), Some(id));
+    }
+    assert!(
+        !write.is_finished(),
+        "the lookups waited for the write to give up ({:?})",
+        started.elapsed()
+    );
+    other.execute_batch("ROLLBACK").unwrap();
+    write
+        .await
+        .unwrap()
+        .expect("the write goes through once the lock is free");
+}
+
 #[tokio::test]
 async fn sqlite_refuses_a_newer_schema() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,8 +2,12 @@
 //!
 //! One database file in WAL mode with `synchronous=FULL`, so a write returns
 //! only after its commit is on disk. All SQLite work is blocking, so it runs on
-//! tokio's blocking pool behind a `std::sync::Mutex` around one connection, and
-//! every call is bounded by the store timeout.
+//! tokio's blocking pool, and every call is bounded by the store timeout.
+//! Writes (and listings) go through one connection behind a `std::sync::Mutex`;
+//! key lookups, the hot path of a cold cache, through [`READERS`] read-only
+//! connections of their own: in WAL mode readers wait neither for each other
+//! nor for a write (an fsync, or another process's transaction), so misses
+//! after a restart proceed in parallel.
 //!
 //! Layout (schema version 1, kept in `PRAGMA user_version`):
 //!
@@ -20,7 +24,8 @@ use super::*;
 use crate::time::Timestamp;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use std::path::Path;
-use std::sync::{Mutex, PoisonError, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError, TryLockError, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -47,11 +52,20 @@ CREATE INDEX IF NOT EXISTS digests_key_id ON digests(key_id);
 CREATE INDEX IF NOT EXISTS digests_expires_at ON digests(expires_at) WHERE expires_at IS NOT NULL;
 ";
 
+/// Read-only connections for lookups: one per CPU a lookup may run on and a
+/// few more, so a reader blocked on disk does not hold up the others.
+pub const READERS: usize = 4;
+
 /// SQLite-backed key store (one file, one node).
 pub struct SqliteStore {
-    /// The one connection. Shared with the watcher, which polls
+    /// The read-write connection. Shared with the watcher, which polls
     /// `data_version` on it (see [`KeyStore::watch`]).
     conn: Arc<Mutex<Connection>>,
+    /// Read-only connections for lookups (empty when the file is not in WAL
+    /// mode: readers would then block the writer).
+    readers: Arc<[Mutex<Connection>]>,
+    /// Where the next lookup starts looking for a free reader.
+    next_reader: AtomicUsize,
     /// Bound on every call, and SQLite's busy timeout.
     timeout: Duration,
 }
@@ -82,10 +96,53 @@ impl SqliteStore {
             StoreError::Unavailable(format!("cannot configure {}: {e}", file.display()))
         })?;
         migrate(&mut conn)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(db_err)?;
+        let readers = if mode.eq_ignore_ascii_case("wal") {
+            (0..READERS)
+                .map(|_| open_reader(file, timeout).map(Mutex::new))
+                .collect::<StoreResult<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            readers: readers.into(),
+            next_reader: AtomicUsize::new(0),
             timeout,
         })
+    }
+
+    /// Runs the read-only `f` on a free reader connection (or, when all are
+    /// busy, waits for one; without readers, on the read-write connection),
+    /// on the blocking pool, bounded by the store timeout.
+    async fn read<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        if self.readers.is_empty() {
+            return self.run(move |c| f(c)).await;
+        }
+        let readers = Arc::clone(&self.readers);
+        let first = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        let job = tokio::task::spawn_blocking(move || {
+            let n = readers.len();
+            for i in 0..n {
+                match readers[(first + i) % n].try_lock() {
+                    Ok(c) => return f(&c),
+                    // Reads leave nothing half-done behind a poisoned lock.
+                    Err(TryLockError::Poisoned(p)) => return f(&p.into_inner()),
+                    Err(TryLockError::WouldBlock) => {}
+                }
+            }
+            let c = readers[first % n]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            f(&c)
+        });
+        bounded(self.timeout, job).await
     }
 
     /// Runs `f` on the connection on the blocking pool, bounded by the store
@@ -103,14 +160,32 @@ impl SqliteStore {
             let mut guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
             f(&mut guard)
         });
-        match tokio::time::timeout(self.timeout, job).await {
-            Err(_) => Err(StoreError::Timeout),
-            Ok(Err(e)) => Err(StoreError::Unavailable(format!(
-                "sqlite worker failed: {e}"
-            ))),
-            Ok(Ok(result)) => result,
-        }
+        bounded(self.timeout, job).await
     }
+}
+
+/// A blocking-pool job's result, or `Timeout` after `timeout` (the job
+/// itself cannot be cancelled and finishes in the background).
+async fn bounded<T>(
+    timeout: Duration,
+    job: tokio::task::JoinHandle<StoreResult<T>>,
+) -> StoreResult<T> {
+    match tokio::time::timeout(timeout, job).await {
+        Err(_) => Err(StoreError::Timeout),
+        Ok(Err(e)) => Err(StoreError::Unavailable(format!(
+            "sqlite worker failed: {e}"
+        ))),
+        Ok(Ok(result)) => result,
+    }
+}
+
+/// A read-only connection to `file` (already in WAL mode, schema in place).
+fn open_reader(file: &Path, timeout: Duration) -> StoreResult<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(file, flags)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", file.display())))?;
+    conn.busy_timeout(timeout).map_err(db_err)?;
+    Ok(conn)
 }
 
 /// Pragmas that hold per connection.
@@ -201,7 +276,7 @@ fn digest_live(expires_at: Option<i64>, now: i64) -> bool {
 impl KeyStore for SqliteStore {
     fn lookup<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, StoreResult<Option<KeyRecord>>> {
         let digest = *digest;
-        Box::pin(self.run(move |conn| {
+        Box::pin(self.read(move |conn| {
             // Read-only: expired grace digests are purged by the next rotate,
             // so the hot path never takes the write lock.
             let row: Option<(String, Option<i64>)> = conn
@@ -219,7 +294,7 @@ impl KeyStore for SqliteStore {
 
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, StoreResult<Option<KeyRecord>>> {
         let id = id.to_owned();
-        Box::pin(self.run(move |conn| {
+        Box::pin(self.read(move |conn| {
             let json: Option<String> = conn
                 .prepare_cached("SELECT record FROM keys WHERE id = ?1")
                 .and_then(|mut st| st.query_row([&id], |r| r.get(0)).optional())
