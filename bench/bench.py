@@ -117,8 +117,12 @@ http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
     return p
 
 
-def gateway(binary, cfg, port, logfile):
-    env = dict(os.environ, PORTCULLIS_CONFIG=cfg, RUST_LOG="warn")
+def gateway(binary, cfg, port, logfile, rust_log="warn"):
+    """Starts `portcullis serve` on cfg, output to logfile; RUST_LOG=rust_log
+    (None: the config's [log] level decides)."""
+    env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"} | {"PORTCULLIS_CONFIG": cfg}
+    if rust_log:
+        env["RUST_LOG"] = rust_log
     p = subprocess.Popen([binary, "serve", "--config", cfg], stdout=open(logfile, "w"),
                          stderr=subprocess.STDOUT, env=env)
     procs.append(p)

@@ -19,6 +19,22 @@
 #
 #   bench/run.sh [--redis] [--instructions] [--duration SECS] [--rounds N] [--conns N] [--keep]
 #
+# With --sweep it measures the cost curve instead (bench/sweep.py, about 6
+# minutes): keyed and plain paths at 32, 128, 512 and 1,024 connections over
+# HTTP/1.1, over HTTP/2 with TLS (h2load, 4 connections x 8, 32 and 100
+# streams), refusals (401, 429) at 512 connections, and the keyed path with
+# access logs on; each against an nginx tuned for the load (keepalive 1024,
+# http2 on its TLS listener) in the same run, one worker each.
+#
+#   bench/run.sh --sweep [--duration SECS] [--rounds N] [--refusals-at N] [--keep]
+#
+# With --keys it measures cold caches and many keys instead (bench/keys.py,
+# about a minute): 100,000 distinct keys used once each on a fresh gateway
+# (all cache misses on SQLite), then again (all hits); the CPU a miss costs
+# and the memory a cached key holds.
+#
+#   bench/run.sh --keys [--keys-count N] [--keep]
+#
 # Installs nginx and wrk (and redis-server/redis-tools for --redis) with apt-get
 # when they are missing, builds `cargo build --release`, needs python3.
 # Takes about 3 minutes (5 with --redis). Best run on an otherwise idle machine;
@@ -29,9 +45,13 @@ cd "$(dirname "$0")/.."
 
 want_redis=0
 want_valgrind=0
+want_sweep=0
+want_keys=0
 for a in "$@"; do
   case "$a" in
     --redis) want_redis=1 ;;
+    --sweep) want_sweep=1 ;;
+    --keys) want_keys=1 ;;
     --instructions) want_valgrind=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   esac
@@ -40,6 +60,10 @@ done
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+if [ $want_sweep = 1 ]; then
+  command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+  command -v openssl >/dev/null 2>&1 || need+=(openssl)
+fi
 if [ $want_valgrind = 1 ]; then
   command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 fi
@@ -73,4 +97,14 @@ floor="$target_dir/release/examples/hyper_floor"
 # Room for 10,000 client sockets plus the servers' ends (inherited by all of them).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
+if [ $want_keys = 1 ]; then
+  args=()
+  for a in "$@"; do [ "$a" = --keys ] || args+=("$a"); done
+  exec python3 bench/keys.py --bin "$bin" "${args[@]}"
+fi
+if [ $want_sweep = 1 ]; then
+  args=()
+  for a in "$@"; do [ "$a" = --sweep ] || args+=("$a"); done
+  exec python3 bench/sweep.py --bin "$bin" "${args[@]}"
+fi
 exec python3 bench/bench.py --bin "$bin" --floor "$floor" "$@"
