@@ -264,12 +264,35 @@ pub struct Identity {
     pub key: Arc<AuthedKey>,
 }
 
-/// A key record as the key cache holds it, with the identity header values
-/// the proxy sends upstream, made once per cache fill instead of once per
-/// request. Reads as the record it wraps.
+/// A key as the key cache holds it: only what the request path reads (the
+/// checks, the plan, the identity headers, made once per cache fill instead
+/// of once per request), in boxed slices rather than growable vectors. The
+/// record's name, metadata, prefix and times stay in the store: a cached key
+/// costs a few hundred bytes, not the record's ~1.4 KB.
 #[derive(Debug)]
 pub struct AuthedKey {
-    record: crate::keys::KeyRecord,
+    /// `key_…`.
+    pub id: Box<str>,
+    /// The workspace (tenant).
+    pub workspace: Box<str>,
+    /// Kind name from `[key_kinds.*]`.
+    pub kind: Box<str>,
+    /// `live` or `test`.
+    pub environment: crate::keys::Environment,
+    /// `active` or `disabled`.
+    pub status: crate::keys::KeyStatus,
+    /// Expiry, if any.
+    pub expires_at: Option<crate::time::Timestamp>,
+    /// Permissions held (`*` and `prefix.*` wildcards allowed).
+    pub permissions: Box<[Box<str>]>,
+    /// Plan name; none means `[plans.default]`.
+    pub plan: Option<Box<str>>,
+    /// CIDRs the key may be used from; empty means anywhere.
+    pub allowed_ips: Box<[ipnet::IpNet]>,
+    /// Hosts the key may be used from; empty means any.
+    pub allowed_origins: Box<[Box<str>]>,
+    /// Route names the key may call; empty means any.
+    pub allowed_routes: Box<[Box<str>]>,
     /// `X-Key-Id` (none if the id is not a valid header value).
     pub key_id_header: Option<http::HeaderValue>,
     /// `X-Workspace-Id` (likewise).
@@ -280,21 +303,27 @@ pub struct AuthedKey {
 }
 
 impl AuthedKey {
-    /// Wraps a record found in the store.
+    /// The request path's part of a record found in the store.
     pub fn new(record: crate::keys::KeyRecord) -> Self {
+        fn boxed(v: Vec<String>) -> Box<[Box<str>]> {
+            v.into_iter().map(String::into_boxed_str).collect()
+        }
         AuthedKey {
             key_id_header: http::HeaderValue::from_str(&record.id).ok(),
             workspace_header: http::HeaderValue::from_str(&record.workspace).ok(),
+            id: record.id.into_boxed_str(),
+            workspace: record.workspace.into_boxed_str(),
+            kind: record.kind.into_boxed_str(),
+            environment: record.environment,
+            status: record.status,
+            expires_at: record.expires_at,
+            permissions: boxed(record.permissions),
+            plan: record.plan.map(String::into_boxed_str),
+            allowed_ips: record.allowed_ips.into_boxed_slice(),
+            allowed_origins: boxed(record.allowed_origins),
+            allowed_routes: boxed(record.allowed_routes),
             noted_at: std::sync::atomic::AtomicI64::new(0),
-            record,
         }
-    }
-}
-
-impl std::ops::Deref for AuthedKey {
-    type Target = crate::keys::KeyRecord;
-    fn deref(&self) -> &crate::keys::KeyRecord {
-        &self.record
     }
 }
 

@@ -192,6 +192,11 @@ pub struct Metrics {
     pub open_connections: Gauge,
     /// Client connections idle and parked (no HTTP state, no buffers).
     pub parked_connections: Gauge,
+    /// Times a client connection was parked (its HTTP session taken apart
+    /// between requests): about once per idle spell, not per request.
+    pub parks: Counter,
+    /// Idle keep-alive connections held in the upstream pools, by upstream.
+    pub pooled_connections: Family<UpstreamLabel, Gauge>,
     /// Config version in use (1 at start, +1 per applied reload).
     pub config_version: Gauge,
     /// Reloads by result.
@@ -209,6 +214,8 @@ pub struct Snapshot {
     pub cache_misses: u64,
     /// Stale entries served while the store was failing.
     pub cache_stale: u64,
+    /// Entries in the key cache (found keys and known-missing digests).
+    pub cache_entries: u64,
     /// Store lookups made.
     pub store_lookups: u64,
     /// Store lookups that failed.
@@ -263,6 +270,8 @@ impl Metrics {
             rate_limited: Family::default(),
             open_connections: Gauge::default(),
             parked_connections: Gauge::default(),
+            parks: Counter::default(),
+            pooled_connections: Family::default(),
             config_version: Gauge::default(),
             reloads: Family::default(),
             last_reload_ok: Gauge::default(),
@@ -307,6 +316,16 @@ impl Metrics {
             "parked_connections",
             "Idle client connections parked without HTTP state or buffers",
             m.parked_connections.clone(),
+        );
+        registry.register(
+            "connection_parks",
+            "Times an idle client connection was parked (HTTP session taken apart until its next request)",
+            m.parks.clone(),
+        );
+        registry.register(
+            "upstream_pooled_connections",
+            "Idle keep-alive connections held in the upstream pools (all workers), by upstream; each holds hyper's buffers (docs/benchmarks.md gives the memory)",
+            m.pooled_connections.clone(),
         );
         registry.register(
             "config_version",
@@ -453,6 +472,11 @@ impl Metrics {
             s.ratelimit_redis_calls as f64,
         );
         counter(
+            "log_lines_dropped",
+            "Log lines dropped because stdout did not keep up (the queue to the log writer was full)",
+            crate::logging::dropped_lines() as f64,
+        );
+        counter(
             "ratelimit_redis_errors",
             "Rate-limit calls to Redis that failed",
             s.ratelimit_redis_errors as f64,
@@ -461,6 +485,11 @@ impl Metrics {
             out,
             "# HELP portcullis_ratelimit_fallback 1 while Redis fails and on_store_error applies\n# TYPE portcullis_ratelimit_fallback gauge\nportcullis_ratelimit_fallback {}\n",
             u8::from(s.ratelimit_fallback)
+        );
+        let _ = write!(
+            out,
+            "# HELP portcullis_key_cache_entries Keys (and known-missing digests) held in the local key cache\n# TYPE portcullis_key_cache_entries gauge\nportcullis_key_cache_entries {}\n",
+            s.cache_entries
         );
         let _ = write!(
             out,

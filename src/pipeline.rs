@@ -311,7 +311,7 @@ fn finish(resp: &mut Response<ResponseBody>, ctx: &RequestCtx) {
     }
     if let (Some(origin), Some(id)) = (&ctx.cors_origin, &ctx.identity) {
         // Only after auth passed, which checked the origin against the key.
-        if id.key.kind == "public" {
+        if &*id.key.kind == "public" {
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
             h.insert(
                 header::ACCESS_CONTROL_EXPOSE_HEADERS,
@@ -404,8 +404,8 @@ fn access(ctx: &RequestCtx, app: &App, status: u16, length: Option<u64>) {
         route = %route,
         status,
         upstream = ctx.upstream.as_deref().unwrap_or("-"),
-        key_id = key.map_or("-", |k| k.id.as_str()),
-        workspace = key.map_or("-", |k| k.workspace.as_str()),
+        key_id = key.map_or("-", |k| &*k.id),
+        workspace = key.map_or("-", |k| &*k.workspace),
         bytes = length.unwrap_or(0),
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         peer = %ctx.conn.peer.ip(),

@@ -227,6 +227,7 @@ impl App {
             cache_hits: load(&s.hits),
             cache_misses: load(&s.misses),
             cache_stale: load(&s.stale),
+            cache_entries: self.keys.len() as u64,
             store_lookups: load(&s.lookups),
             store_errors: load(&s.errors),
             store_lookup_seconds: load(&s.lookup_micros) as f64 / 1e6,
@@ -339,6 +340,7 @@ impl Gateway {
                 rx.clone(),
             )));
         }
+        tasks.push(tokio::spawn(sweep(app.clone(), rx.clone())));
         tasks.push(tokio::spawn(crate::reload::watch(
             app.clone(),
             tls,
@@ -368,6 +370,39 @@ impl Gateway {
         }
         // Hybrid mode: admits not yet pushed to Redis would otherwise be lost.
         self.app.limiter.flush().await;
+    }
+}
+
+/// How often the upstream pools are swept of connections idle past their
+/// `pool_idle_timeout`, and the key cache of entries past use.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Every [`SWEEP_EVERY`] until shutdown: sweeps the upstream pools,
+/// keeping the pooled-connections gauge current (a pool grown by a peak of
+/// load gives its connections back once the peak is over), and the key
+/// cache of entries past use (a walk of ~100,000 entries costs well under
+/// a millisecond, one shard locked at a time).
+async fn sweep(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = every.tick() => {}
+        }
+        let now = std::time::Instant::now();
+        let snapshot = app.snapshot();
+        let gauge = &app.metrics.pooled_connections;
+        // Upstreams a reload removed leave the gauge with the snapshot.
+        gauge.clear();
+        for (name, kept) in snapshot.pools.sweep(now) {
+            gauge
+                .get_or_create(&crate::metrics::UpstreamLabel {
+                    upstream: name.clone(),
+                })
+                .set(kept as i64);
+        }
+        app.keys.sweep(&snapshot.config.cache, now);
     }
 }
 

@@ -660,6 +660,56 @@ async fn a_crowd_of_connections_with_half_sent_heads_is_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_connection_in_a_crowd_keeps_its_session_between_requests() {
+    let echo = EchoUpstream::start().await;
+    let slow = SlowUpstream::start(Duration::from_secs(3)).await;
+    let text = format!(
+        "{}\n[upstreams.slow]\ntargets = [\"{}\"]\n[[routes]]\nname = \"slow\"\npath = \"/v1/slow\"\nupstream = \"slow\"\nauth = \"none\"\n",
+        echo_config(None, "", &echo),
+        slow.url()
+    );
+    let gw = start_gateway(&text).await;
+    // A crowd of open sessions, more than the listener keeps warm: each
+    // holds a request the slow upstream sits on.
+    let mut crowd = Vec::new();
+    for _ in 0..150 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(b"GET /v1/slow HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        crowd.push(s);
+    }
+    eventually(
+        "the crowd's requests to reach the upstream",
+        Duration::from_secs(5),
+        || async { slow.arrived() == 150 },
+    )
+    .await;
+    // Meanwhile one client sends request after request on its connection:
+    // its session is taken apart at most once, not after every response.
+    let before = gw.app().metrics.parks.get();
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    for i in 0..20 {
+        s.write_all(format!("GET /v1/echo/r{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let r = read_one_response(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    let parks = gw.app().metrics.parks.get() - before;
+    assert!(slow.completed() < 150, "the crowd was still in flight");
+    assert!(
+        parks <= 2,
+        "the busy connection was parked {parks} times in 20 requests"
+    );
+    for s in crowd.iter_mut() {
+        let r = read_one_response(s).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_read_timeout_closes_a_slow_client() {
     let echo = EchoUpstream::start().await;
     let gw = start_gateway(&echo_config(None, "header_read_timeout = \"500ms\"", &echo)).await;
@@ -1253,6 +1303,63 @@ async fn no_more_than_pool_max_idle_upstream_connections_are_kept() {
     // Two were kept and reused; the other four had closed after their
     // exchange, so four more were opened.
     assert_eq!(slow.connections(), 10);
+    gw.shutdown().await;
+}
+
+/// The pooled-connections gauge of upstream `name` (set by the pool sweep,
+/// every second).
+fn pooled(gw: &TestGateway, name: &str) -> i64 {
+    gw.app()
+        .metrics
+        .pooled_connections
+        .get_or_create(&portcullis::metrics::UpstreamLabel {
+            upstream: name.into(),
+        })
+        .get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_keeps_what_the_peak_needed_and_closes_it_once_idle() {
+    let slow = SlowUpstream::start(Duration::from_millis(300)).await;
+    // The default pool_max_idle: the pool follows the load, not a small cap.
+    let text = slow_config("workers = 1", "pool_idle_timeout = \"3s\"", &slow);
+    let gw = start_gateway(&text).await;
+    let c = TestClient::h1(None);
+    let url = gw.url("/v1/slow");
+    let burst = || futures_util::future::join_all((0..40).map(|_| c.get(&url)));
+    for r in burst().await {
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(slow.max_in_flight(), 40, "the forty requests overlapped");
+    assert_eq!(
+        slow.connections(),
+        40,
+        "one connection per request in flight"
+    );
+    eventually(
+        "the gauge to show the forty pooled connections",
+        Duration::from_secs(3),
+        || async { pooled(&gw, "slow") == 40 },
+    )
+    .await;
+    // The same load again: every connection is reused, none opened.
+    for r in burst().await {
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        slow.connections(),
+        40,
+        "sustained load churns no connection"
+    );
+    // Once the load is gone, the pool gives its connections back.
+    eventually(
+        "the pool to close its idle connections",
+        Duration::from_secs(10),
+        || async { pooled(&gw, "slow") == 0 },
+    )
+    .await;
+    assert_eq!(c.get(&url).await.status, 200);
+    assert_eq!(slow.connections(), 41, "the swept connections were closed");
     gw.shutdown().await;
 }
 

@@ -461,6 +461,61 @@ async fn unknown_key_costs_one_store_lookup_per_negative_ttl(b: Backend) {
     assert_eq!(env.forwarded(), forwarded, "no refusal was forwarded");
 }
 
+/// The cache forgets what no request can use any more (found keys past
+/// `ttl + stale_if_error`, forged ones past `negative_ttl`): keys used once
+/// and floods of made-up keys do not stay in memory for the life of the
+/// process. A key used again afterwards is simply looked up anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_cache_forgets_entries_past_use() {
+    let env = Env::start_with(
+        Backend::Sqlite,
+        "",
+        "ttl = \"1s\"\nstale_if_error = \"1s\"\nnegative_ttl = \"1s\"",
+    )
+    .await;
+    let mut secrets = Vec::new();
+    for _ in 0..3 {
+        secrets.push(env.key(&["sms.send"]).await.1);
+    }
+    for secret in &secrets {
+        let r = env
+            .call(
+                "POST",
+                "/v1/sms/send",
+                &[("authorization", &bearer(secret))],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    for _ in 0..20 {
+        env.call(
+            "POST",
+            "/v1/sms/send",
+            &[("authorization", &bearer(&env.forged_secret()))],
+        )
+        .await
+        .assert_error(401, "INVALID_API_KEY");
+    }
+    let cache = &env.gw.app().keys;
+    assert_eq!(cache.len(), 23, "3 keys and 20 forged digests cached");
+    eventually(
+        "the cache emptied by its sweep",
+        Duration::from_secs(6),
+        || async { cache.is_empty() },
+    )
+    .await;
+    let before = env.lookups();
+    let r = env
+        .call(
+            "POST",
+            "/v1/sms/send",
+            &[("authorization", &bearer(&secrets[0]))],
+        )
+        .await;
+    assert_eq!(r.status, 200, "a forgotten key still works: {}", r.text());
+    assert_eq!(env.lookups(), before + 1, "looked up anew");
+}
+
 async fn key_in_query_is_400_and_never_forwarded(b: Backend) {
     let env = Env::start(b).await;
     let (_, secret) = env.key(&["sms.read"]).await;

@@ -19,7 +19,7 @@ use super::http::{ApiError, Reply, parse_json, parse_list_query, plausible_id, r
 use super::ops::{self, NewKey};
 use crate::auth::{self, AuthInput};
 use crate::config::{AuthMode, Config, Route};
-use crate::context::RequestBody;
+use crate::context::{AuthedKey, RequestBody};
 use crate::context::{RequestCtx, ResponseBody};
 use crate::error::GatewayError;
 use crate::keys::{Environment, KeyRecord};
@@ -169,7 +169,7 @@ fn create_gate(workspace: &str) -> &'static Mutex<()> {
 async fn create(
     app: &App,
     cfg: &Config,
-    caller: &KeyRecord,
+    caller: &AuthedKey,
     headers: &http::HeaderMap,
     body: RequestBody,
     actor: &Actor<'_>,
@@ -196,9 +196,9 @@ async fn create(
 
 /// Checks a create request against what the caller holds and fills in what
 /// it inherits. Syntax errors are 400 (field named); escalations are 403.
-fn confine(caller: &KeyRecord, mut n: NewKey) -> Result<NewKey, ApiError> {
+fn confine(caller: &AuthedKey, mut n: NewKey) -> Result<NewKey, ApiError> {
     match &n.workspace {
-        Some(w) if *w != caller.workspace => {
+        Some(w) if **w != *caller.workspace => {
             return Err(forbidden(
                 "workspace",
                 format!(
@@ -207,13 +207,13 @@ fn confine(caller: &KeyRecord, mut n: NewKey) -> Result<NewKey, ApiError> {
                 ),
             ));
         }
-        _ => n.workspace = Some(caller.workspace.clone()),
+        _ => n.workspace = Some(caller.workspace.to_string()),
     }
     // A secret key minting a public key (usable from any origin) or an
     // internal one (for routes it cannot call) would step outside itself.
     match n.kind.as_deref() {
-        None => n.kind = Some(caller.kind.clone()),
-        Some(k) if k != caller.kind => {
+        None => n.kind = Some(caller.kind.to_string()),
+        Some(k) if k != &*caller.kind => {
             return Err(forbidden(
                 "kind",
                 format!(
@@ -257,8 +257,8 @@ fn confine(caller: &KeyRecord, mut n: NewKey) -> Result<NewKey, ApiError> {
         },
     }
     match &n.plan {
-        None => n.plan = caller.plan.clone(),
-        Some(p) if Some(p) != caller.plan.as_ref() => {
+        None => n.plan = caller.plan.as_deref().map(str::to_string),
+        Some(p) if Some(p.as_str()) != caller.plan.as_deref() => {
             return Err(forbidden(
                 "plan",
                 "plan: this API key may only create keys on its own plan",
@@ -315,15 +315,15 @@ fn confine(caller: &KeyRecord, mut n: NewKey) -> Result<NewKey, ApiError> {
 /// for must be a subset.
 fn narrow(
     field: &str,
-    held: &[String],
+    held: &[Box<str>],
     wanted: &mut Vec<String>,
-    listed: fn(&[String], &str) -> bool,
+    listed: fn(&[Box<str>], &str) -> bool,
 ) -> Result<(), ApiError> {
     if held.is_empty() {
         return Ok(());
     }
     if wanted.is_empty() {
-        *wanted = held.to_vec();
+        *wanted = held.iter().map(|h| h.to_string()).collect();
         return Ok(());
     }
     match wanted.iter().find(|w| !listed(held, w)) {
@@ -337,7 +337,7 @@ fn narrow(
 
 async fn delete(
     app: &App,
-    caller: &KeyRecord,
+    caller: &AuthedKey,
     id: &str,
     actor: &Actor<'_>,
 ) -> Result<Reply, ApiError> {
@@ -346,7 +346,7 @@ async fn delete(
     }
     match api::fetch(app, id, actor).await? {
         // Another workspace's key is answered exactly like an unknown one.
-        Some(rec) if rec.workspace == caller.workspace => {
+        Some(rec) if *rec.workspace == *caller.workspace => {
             may_touch(caller, &rec)?;
             api::revoke(app, &rec, actor).await
         }
@@ -357,7 +357,7 @@ async fn delete(
 /// A key may act on another key of its workspace only when it holds every
 /// permission that key holds: the rule of minting, so that a key can
 /// neither make nor take away more than it has.
-fn may_touch(caller: &KeyRecord, target: &KeyRecord) -> Result<(), ApiError> {
+fn may_touch(caller: &AuthedKey, target: &KeyRecord) -> Result<(), ApiError> {
     match target
         .permissions
         .iter()
@@ -380,7 +380,11 @@ mod tests {
     use crate::keys::KeyStatus;
     use crate::time::Timestamp;
 
-    fn caller() -> KeyRecord {
+    fn caller() -> AuthedKey {
+        AuthedKey::new(record())
+    }
+
+    fn record() -> KeyRecord {
         KeyRecord {
             id: "key_caller".into(),
             workspace: "ws_a".into(),
@@ -417,7 +421,7 @@ mod tests {
         assert_eq!(n.plan.as_deref(), Some("gold"));
         assert_eq!(n.environment.as_deref(), Some("live"));
         assert_eq!(n.allowed_ips, vec!["10.0.0.0/8".to_string()]);
-        assert_eq!(n.allowed_routes, c.allowed_routes);
+        assert_eq!(n.allowed_routes, record().allowed_routes);
         for bad in [
             &["balance.read"][..],
             &["*"],
@@ -468,7 +472,7 @@ mod tests {
     #[test]
     fn only_keys_holding_no_more_may_be_revoked() {
         let c = caller();
-        let mut target = caller();
+        let mut target = record();
         for (perms, ok) in [
             (&[][..], true),
             (&["sms.send"], true),

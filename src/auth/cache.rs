@@ -68,7 +68,7 @@ pub struct KeyCache {
     /// Bumped by every invalidation, so a lookup that started before an
     /// invalidation cannot put a stale record back.
     generation: AtomicU64,
-    used: DashMap<String, i64, RandomState>,
+    used: DashMap<Box<str>, i64, RandomState>,
     breaker: Arc<Breaker>,
     /// Hit/miss/stale counters.
     pub stats: CacheStats,
@@ -226,7 +226,30 @@ impl KeyCache {
     pub fn invalidate(&self, id: &str) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.entries
-            .retain(|_, e| !matches!(e, Entry::Found { record, .. } if record.id == id));
+            .retain(|_, e| !matches!(e, Entry::Found { record, .. } if *record.id == *id));
+    }
+
+    /// Forgets the entries no request can use any more: found keys past
+    /// `ttl + stale_if_error`, missing ones past `negative_ttl`. Without it a
+    /// key used once, or a stream of made-up keys, would stay in memory for
+    /// the life of the process. Returns how many entries stay.
+    pub fn sweep(&self, s: &CacheSettings, now: Instant) -> usize {
+        let found_for = s.ttl + s.stale_if_error;
+        self.entries.retain(|_, e| match e {
+            Entry::Found { at, .. } => now.saturating_duration_since(*at) < found_for,
+            Entry::Missing { at } => now.saturating_duration_since(*at) < s.negative_ttl,
+        });
+        self.entries.len()
+    }
+
+    /// Keys (and known-missing digests) held now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     /// Drops everything (changes may have been missed).
@@ -244,7 +267,7 @@ impl KeyCache {
         if key.noted_at.swap(now, Ordering::Relaxed) == now {
             return;
         }
-        if let Some(mut v) = self.used.get_mut(&key.id) {
+        if let Some(mut v) = self.used.get_mut(&*key.id) {
             *v = now;
             return;
         }
@@ -257,13 +280,13 @@ impl KeyCache {
         let batch: Vec<(String, Timestamp)> = self
             .used
             .iter()
-            .map(|e| (e.key().clone(), Timestamp(*e.value())))
+            .map(|e| (e.key().to_string(), Timestamp(*e.value())))
             .collect();
         if batch.is_empty() {
             return Ok(0);
         }
         for (id, _) in &batch {
-            self.used.remove(id);
+            self.used.remove(id.as_str());
         }
         self.store.touch(&batch).await?;
         Ok(batch.len())

@@ -31,6 +31,12 @@ pub const DEFAULT_MAX_KEYS_PER_WORKSPACE: usize = 100;
 /// self-service create counts the workspace's keys up to the cap.
 pub const MAX_KEYS_PER_WORKSPACE_LIMIT: usize = 10_000;
 
+/// Default of `[upstreams.*] pool_max_idle`: a ceiling, like a tuned nginx
+/// `keepalive`, not a target. A pool keeps what the recent peak of requests
+/// in flight needed and closes the rest after `pool_idle_timeout`, so a
+/// small load holds few connections and a large one never churns them.
+pub const DEFAULT_POOL_MAX_IDLE: usize = 1024;
+
 /// One problem in a config file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Diagnostic {
@@ -237,9 +243,11 @@ pub struct Upstream {
     pub request_timeout: Duration,
     /// How long an idle pooled connection is kept (default 90s).
     pub pool_idle_timeout: Duration,
-    /// Idle connections kept per target and worker (default 32, like a
-    /// typical nginx `keepalive`): an idle upstream connection holds ~30 KiB
-    /// of hyper buffers, and a burst beyond this closes instead of staying.
+    /// Ceiling on the idle connections kept per target and worker (default
+    /// [`DEFAULT_POOL_MAX_IDLE`], like a tuned nginx `keepalive`). Below it a
+    /// pool keeps what the recent peak of requests in flight needed; each
+    /// idle upstream connection holds ~30 KiB of hyper buffers until
+    /// `pool_idle_timeout` closes it.
     pub pool_max_idle: usize,
 }
 
@@ -830,7 +838,7 @@ impl Validator<'_> {
                     connect_timeout: dur(uf.connect_timeout, "1s"),
                     request_timeout: dur(uf.request_timeout, "30s"),
                     pool_idle_timeout: dur(uf.pool_idle_timeout, "90s"),
-                    pool_max_idle: uf.pool_max_idle.unwrap_or(32),
+                    pool_max_idle: uf.pool_max_idle.unwrap_or(DEFAULT_POOL_MAX_IDLE),
                 },
             );
         }

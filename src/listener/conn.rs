@@ -33,7 +33,9 @@ const TICK: Duration = Duration::from_millis(100);
 /// HTTP/1.1 sessions (across all workers) that may stay open between
 /// requests until a tick finds them idle. Beyond this, a session is parked
 /// the moment it waits for its next request, so a crowd of mostly idle
-/// connections never holds a crowd of hyper buffers at once.
+/// connections never holds a crowd of hyper buffers at once, unless its
+/// connection is busy: its next request came within a tick of its last
+/// parking. A busy connection is rebuilt once, not after every response.
 const WARM_SESSIONS: usize = 128;
 
 /// HTTP/1.1 sessions open now.
@@ -114,6 +116,9 @@ pub async fn serve<I: Socket>(
 
     // When the current request head started, if one is pending.
     let mut head_since: Option<Instant> = None;
+    // Whether the connection's last parking ended within a tick: a client
+    // sending request after request, whose session stays warm when crowded.
+    let mut busy = false;
     loop {
         // Boxed: the session's state (hyper's buffers, its timer) is freed
         // the moment it parks, so a parked task keeps none of it.
@@ -123,6 +128,7 @@ pub async fn serve<I: Socket>(
             &shared,
             &mut stop,
             &mut head_since,
+            busy,
             conn,
             &app,
         ));
@@ -130,6 +136,7 @@ pub async fn serve<I: Socket>(
             return;
         };
         io = parked_io;
+        app.metrics.parks.inc();
         let now = Instant::now();
         let deadline = if partial.is_empty() {
             head_since = None;
@@ -149,6 +156,7 @@ pub async fn serve<I: Socket>(
         if !wait_readable(io.get_mut(), deadline, &mut stop, &app).await {
             return;
         }
+        busy = Instant::now() < now + TICK;
     }
 }
 
@@ -166,6 +174,7 @@ async fn session<I: Socket>(
     shared: &Arc<ConnShared>,
     stop: &mut watch::Receiver<bool>,
     head_since: &mut Option<Instant>,
+    busy: bool,
     conn: ConnInfo,
     app: &Arc<App>,
 ) -> Option<(ConnIo<I>, Bytes)> {
@@ -202,7 +211,7 @@ async fn session<I: Socket>(
             // Polled right after the session, so it sees hyper's latest state.
             _ = std::future::poll_fn(|_| {
                 if Session::crowded() && shared.waiting() { Poll::Ready(()) } else { Poll::Pending }
-            }), if !draining => break,
+            }), if !draining && !busy => break,
             _ = std::future::poll_fn(|cx| {
                 if tick_armed && !tick.is_elapsed() {
                     return Poll::Pending;

@@ -100,6 +100,17 @@ impl UpstreamPool {
         }
     }
 
+    /// Closes, in every worker's pools, the connections idle for
+    /// `pool_idle_timeout` or closed by the upstream; returns how many stay
+    /// pooled.
+    pub fn sweep(&self, now: Instant) -> usize {
+        self.workers
+            .iter()
+            .flatten()
+            .map(|t| t.sweep(self.limits.idle_timeout, now))
+            .sum()
+    }
+
     fn target_pool(&self, target: usize) -> &TargetPool {
         let w = WORKER.with(|w| w.get());
         &self.workers[w % self.workers.len()][target]
@@ -396,5 +407,13 @@ impl Pools {
     /// The pool of an upstream.
     pub fn get(&self, name: &str) -> Option<&Arc<UpstreamPool>> {
         self.by_name.get(name)
+    }
+
+    /// Sweeps every upstream's pools ([`UpstreamPool::sweep`]); yields each
+    /// upstream's name with the connections it keeps pooled.
+    pub fn sweep(&self, now: Instant) -> impl Iterator<Item = (&Arc<str>, usize)> {
+        self.by_name
+            .iter()
+            .map(move |(name, p)| (name, p.sweep(now)))
     }
 }

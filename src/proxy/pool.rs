@@ -156,6 +156,12 @@ impl TargetPool {
     }
 
     /// The most recently used ready connection, dropping closed and stale ones.
+    ///
+    /// The pool is a stack (most recently used last) and stays in that
+    /// order, so the connections a smaller load no longer needs sink to the
+    /// bottom, go unused, and are closed by [`TargetPool::sweep`] once idle
+    /// for `idle_timeout`: the pool follows the recent peak of requests in
+    /// flight, not the cap.
     fn take_ready(&self, idle_timeout: Duration, now: Instant) -> Option<SendRequest<ForwardBody>> {
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         let mut i = conns.len();
@@ -164,12 +170,20 @@ impl TargetPool {
             let c = &conns[i];
             if c.tx.is_closed() || now.duration_since(c.used) >= idle_timeout {
                 // Dropping the sender closes the connection once it is idle.
-                conns.swap_remove(i);
+                conns.remove(i);
             } else if c.tx.is_ready() {
-                return Some(conns.swap_remove(i).tx);
+                return Some(conns.remove(i).tx);
             }
         }
         None
+    }
+
+    /// Closes the connections idle for `idle_timeout` or closed by the
+    /// upstream, and returns how many stay pooled.
+    pub fn sweep(&self, idle_timeout: Duration, now: Instant) -> usize {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        conns.retain(|c| !c.tx.is_closed() && now.duration_since(c.used) < idle_timeout);
+        conns.len()
     }
 
     fn put_back(&self, tx: SendRequest<ForwardBody>, max_kept: usize, now: Instant) {
