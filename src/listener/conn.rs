@@ -114,23 +114,12 @@ pub async fn serve<I: Socket>(
         return Box::pin(serve_h2(io, service, limits, conn, stop)).await;
     }
 
-    // When the current request head started, if one is pending.
-    let mut head_since: Option<Instant> = None;
-    // Whether the connection's last parking ended within a tick: a client
-    // sending request after request, whose session stays warm when crowded.
-    let mut busy = false;
+    let mut pace = Pace::default();
     loop {
         // Boxed: the session's state (hyper's buffers, its timer) is freed
         // the moment it parks, so a parked task keeps none of it.
         let session = Box::pin(session(
-            io,
-            limits,
-            &shared,
-            &mut stop,
-            &mut head_since,
-            busy,
-            conn,
-            &app,
+            io, limits, &shared, &mut stop, &mut pace, conn, &app,
         ));
         let Some((parked_io, partial)) = session.await else {
             return;
@@ -139,7 +128,7 @@ pub async fn serve<I: Socket>(
         app.metrics.parks.inc();
         let now = Instant::now();
         let deadline = if partial.is_empty() {
-            head_since = None;
+            pace.head_since = None;
             if shared.requests() == 0 {
                 // Still no first request: its own bound holds.
                 first
@@ -151,13 +140,23 @@ pub async fn serve<I: Socket>(
             // before it waits): replay it to the next session once the rest
             // arrives, on the head's own clock.
             io.set_replay(partial);
-            *head_since.get_or_insert(now) + limits.header_read
+            *pace.head_since.get_or_insert(now) + limits.header_read
         };
         if !wait_readable(io.get_mut(), deadline, &mut stop, &app).await {
             return;
         }
-        busy = Instant::now() < now + TICK;
+        pace.busy = Instant::now() < now + TICK;
     }
+}
+
+/// What an HTTP/1.1 connection remembers across its sessions.
+#[derive(Default)]
+struct Pace {
+    /// When the current request head started, if one is pending.
+    head_since: Option<Instant>,
+    /// Whether the last parking ended within a tick: a client sending request
+    /// after request, whose session stays warm when crowded.
+    busy: bool,
 }
 
 /// Serves HTTP/1.1 requests on `io` with one hyper session until the
@@ -173,8 +172,7 @@ async fn session<I: Socket>(
     limits: Limits,
     shared: &Arc<ConnShared>,
     stop: &mut watch::Receiver<bool>,
-    head_since: &mut Option<Instant>,
-    busy: bool,
+    pace: &mut Pace,
     conn: ConnInfo,
     app: &Arc<App>,
 ) -> Option<(ConnIo<I>, Bytes)> {
@@ -211,7 +209,7 @@ async fn session<I: Socket>(
             // Polled right after the session, so it sees hyper's latest state.
             _ = std::future::poll_fn(|_| {
                 if Session::crowded() && shared.waiting() { Poll::Ready(()) } else { Poll::Pending }
-            }), if !draining && !busy => break,
+            }), if !draining && !pace.busy => break,
             _ = std::future::poll_fn(|cx| {
                 if tick_armed && !tick.is_elapsed() {
                     return Poll::Pending;
@@ -233,19 +231,19 @@ async fn session<I: Socket>(
                     quiet_since = now;
                 }
                 if shared.busy() || requests != seen_requests {
-                    *head_since = None;
+                    pace.head_since = None;
                 } else if !shared.bodies_read() {
                     // A request body is still arriving though its response
                     // is over (an upstream that answered early). Only hyper
                     // knows where that body ends, so its state stays: the
                     // connection is not parked, and closes once quiet for
                     // the keep-alive time.
-                    *head_since = None;
+                    pace.head_since = None;
                     if now >= quiet_since + limits.keepalive {
                         tracing::debug!(peer = %conn.peer, "request body stalled");
                         return None;
                     }
-                } else if head_since.is_some_and(|t| now >= t + limits.header_read) {
+                } else if pace.head_since.is_some_and(|t| now >= t + limits.header_read) {
                     // Bytes keep trickling in but no request head completes.
                     tracing::debug!(peer = %conn.peer, "request head timed out");
                     return None;
@@ -253,7 +251,7 @@ async fn session<I: Socket>(
                     // Quiet for a whole tick, between messages: park.
                     break;
                 } else {
-                    head_since.get_or_insert(now);
+                    pace.head_since.get_or_insert(now);
                 }
                 seen_activity = activity;
                 seen_requests = requests;

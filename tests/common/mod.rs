@@ -399,10 +399,8 @@ fn spawn(toml: &str, extra_args: &[&str], read_stdout: bool) -> GatewayProcess {
         stderr.clone(),
     )];
     let mut unread = child.stdout.take();
-    if read_stdout {
-        if let Some(out) = unread.take() {
-            readers.push(capture(out, stdout.clone()));
-        }
+    if read_stdout && let Some(out) = unread.take() {
+        readers.push(capture(out, stdout.clone()));
     }
     let mut p = GatewayProcess {
         child,
