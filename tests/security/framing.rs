@@ -1298,15 +1298,52 @@ fn env_number(name: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_splits_and_pauses_keep_one_answer_per_request_in_order() {
-    let seed = env_number("PORTCULLIS_FRAMING_SEED").unwrap_or_else(rand::random);
     let count = env_number("PORTCULLIS_FRAMING_CASES")
         .map_or(DEFAULT_CASES, |n| usize::try_from(n).unwrap_or(usize::MAX));
-    println!("framing: seed {seed}, {count} connections (PORTCULLIS_FRAMING_SEED={seed} replays)");
+    random_framing(count, CONCURRENT).await;
+}
+
+/// The same with more connections open at once than the listener keeps
+/// sessions warm for (128): sessions are then parked the moment they wait,
+/// unless their connection is busy (its next request came within a tick),
+/// so both ways of ending a session between messages are exercised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_crowd_random_splits_and_pauses_keep_one_answer_per_request_in_order() {
+    let count = env_number("PORTCULLIS_FRAMING_CASES")
+        .map_or(CROWD_CASES, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    random_framing(count, CROWD).await;
+}
+
+/// Connections open at once in the crowded run.
+const CROWD: usize = 200;
+
+/// Connections in the crowded run unless `PORTCULLIS_FRAMING_CASES` says.
+const CROWD_CASES: usize = 600;
+
+/// `count` random cases, `concurrent` connections at a time, checked.
+async fn random_framing(count: usize, concurrent: usize) {
+    let seed = env_number("PORTCULLIS_FRAMING_SEED").unwrap_or_else(rand::random);
+    println!(
+        "framing: seed {seed}, {count} connections, {concurrent} at once (PORTCULLIS_FRAMING_SEED={seed} replays)"
+    );
     let up = FramingUpstream::start().await;
     let gw = start_gateway(&config(&up)).await;
     let cases: Vec<Arc<Case>> = (0..count).map(|i| Arc::new(gen_case(seed, i))).collect();
+    // The most connections holding a session (open, not parked) at once.
+    let peak = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let sampler = {
+        let (app, peak) = (gw.app().clone(), peak.clone());
+        tokio::spawn(async move {
+            loop {
+                let m = &app.metrics;
+                let held = m.open_connections.get() - m.parked_connections.get();
+                peak.fetch_max(held, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
 
-    let slots = Arc::new(Semaphore::new(CONCURRENT));
+    let slots = Arc::new(Semaphore::new(concurrent));
     let mut runs = Vec::new();
     for case in &cases {
         let slot = slots.clone().acquire_owned().await.expect("semaphore");
@@ -1330,6 +1367,8 @@ async fn random_splits_and_pauses_keep_one_answer_per_request_in_order() {
         .collect();
     up.wait_for_ids(&answered, Duration::from_secs(10)).await;
     let all_seen = up.seen();
+    sampler.abort();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
     gw.shutdown().await;
 
     let mut known = std::collections::HashSet::new();
@@ -1412,7 +1451,17 @@ async fn random_splits_and_pauses_keep_one_answer_per_request_in_order() {
         "only {paused} of {count} connections paused mid-body across the tick, {exposed} after \
          an early answer (seed {seed})"
     );
+    println!("framing: at most {peak} connections held a session at once");
+    if concurrent > CROWD_AT {
+        assert!(
+            peak > CROWD_AT as i64,
+            "never crowded: at most {peak} sessions at once"
+        );
+    }
 }
+
+/// Sessions open at once past which the listener parks idle ones at once.
+const CROWD_AT: usize = 128;
 
 /// One connection of the reproducer: a POST whose upstream answers before
 /// reading the body, the client going quiet mid-body once that answer is
