@@ -300,6 +300,9 @@ pub struct AuthedKey {
     /// When (Unix seconds) a request by this key was last noted for its
     /// `last_used_at` (see `KeyCache::note_used`).
     pub noted_at: std::sync::atomic::AtomicI64,
+    /// Whether the key waits in the cache's queue of keys whose
+    /// `last_used_at` is to be written.
+    pub queued: std::sync::atomic::AtomicBool,
 }
 
 impl AuthedKey {
@@ -323,6 +326,7 @@ impl AuthedKey {
             allowed_origins: boxed(record.allowed_origins),
             allowed_routes: boxed(record.allowed_routes),
             noted_at: std::sync::atomic::AtomicI64::new(0),
+            queued: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }

@@ -12,22 +12,18 @@ use crate::keys::{Digest, SharedStore, StoreError};
 use crate::time::Timestamp;
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use subtle::ConstantTimeEq;
 use tokio::sync::OnceCell;
 
+/// A cached lookup. The digest is the map's key and is not repeated here:
+/// the map has compared it already, so a second, constant-time comparison
+/// would add nothing (a digest is not a secret: it cannot be reversed).
 #[derive(Clone)]
 enum Entry {
-    Found {
-        digest: Digest,
-        record: Arc<AuthedKey>,
-        at: Instant,
-    },
-    Missing {
-        at: Instant,
-    },
+    Found { record: Arc<AuthedKey>, at: Instant },
+    Missing { at: Instant },
 }
 
 /// Frees the breaker's probe slot when a probing request is dropped before
@@ -68,7 +64,9 @@ pub struct KeyCache {
     /// Bumped by every invalidation, so a lookup that started before an
     /// invalidation cannot put a stale record back.
     generation: AtomicU64,
-    used: DashMap<Box<str>, i64, RandomState>,
+    /// Keys used since the last `last_used_at` write, each once (its
+    /// `queued` flag), with the time in its own `noted_at`.
+    used: Mutex<Vec<Arc<AuthedKey>>>,
     breaker: Arc<Breaker>,
     /// Hit/miss/stale counters.
     pub stats: CacheStats,
@@ -82,7 +80,7 @@ impl KeyCache {
             entries: DashMap::default(),
             inflight: DashMap::default(),
             generation: AtomicU64::new(0),
-            used: DashMap::default(),
+            used: Mutex::default(),
             breaker: Arc::default(),
             stats: CacheStats::default(),
         }
@@ -106,20 +104,14 @@ impl KeyCache {
         let mut stale = None;
         if let Some(e) = self.entries.get(digest) {
             match &*e {
-                Entry::Found {
-                    digest: d,
-                    record,
-                    at,
-                } => {
+                Entry::Found { record, at } => {
                     let age = now.saturating_duration_since(*at);
-                    if bool::from(d.ct_eq(digest)) {
-                        if age < s.ttl {
-                            self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                            return Ok(Some(record.clone()));
-                        }
-                        if age < s.ttl + s.stale_if_error {
-                            stale = Some(record.clone());
-                        }
+                    if age < s.ttl {
+                        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Some(record.clone()));
+                    }
+                    if age < s.ttl + s.stale_if_error {
+                        stale = Some(record.clone());
                     }
                 }
                 Entry::Missing { at } if now.saturating_duration_since(*at) < s.negative_ttl => {
@@ -165,7 +157,6 @@ impl KeyCache {
                         if self.generation.load(Ordering::Acquire) == generation {
                             let entry = match &rec {
                                 Some(r) => Entry::Found {
-                                    digest: *digest,
                                     record: r.clone(),
                                     at: Instant::now(),
                                 },
@@ -259,35 +250,41 @@ impl KeyCache {
     }
 
     /// Notes that a key authenticated a request; written to the store in
-    /// batches by [`KeyCache::flush_last_used`], never per request. At most
-    /// once per key and second (`last_used_at` has whole seconds): the
-    /// other requests of that second only read the key's own clock.
-    pub fn note_used(&self, key: &AuthedKey) {
+    /// batches by [`KeyCache::flush_last_used`], never per request. The key's
+    /// own clock moves at most once a second (`last_used_at` has whole
+    /// seconds), and the key joins the queue once per batch.
+    pub fn note_used(&self, key: &Arc<AuthedKey>) {
         let now = Timestamp::now().0;
         if key.noted_at.swap(now, Ordering::Relaxed) == now {
             return;
         }
-        if let Some(mut v) = self.used.get_mut(&*key.id) {
-            *v = now;
-            return;
+        if !key.queued.swap(true, Ordering::AcqRel) {
+            self.used
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(key.clone());
         }
-        self.used.insert(key.id.clone(), now);
     }
 
     /// Writes the `last_used_at` of keys used since the last call: at most one
     /// write per key per call.
     pub async fn flush_last_used(&self) -> Result<usize, StoreError> {
-        let batch: Vec<(String, Timestamp)> = self
-            .used
-            .iter()
-            .map(|e| (e.key().to_string(), Timestamp(*e.value())))
-            .collect();
-        if batch.is_empty() {
+        let queued = std::mem::take(&mut *self.used.lock().unwrap_or_else(PoisonError::into_inner));
+        if queued.is_empty() {
             return Ok(0);
         }
-        for (id, _) in &batch {
-            self.used.remove(id.as_str());
-        }
+        let batch: Vec<(String, Timestamp)> = queued
+            .iter()
+            .map(|k| {
+                // Unqueued before its time is read: a use after this read
+                // queues the key again for the next batch.
+                k.queued.store(false, Ordering::Release);
+                (
+                    k.id.to_string(),
+                    Timestamp(k.noted_at.load(Ordering::Acquire)),
+                )
+            })
+            .collect();
         self.store.touch(&batch).await?;
         Ok(batch.len())
     }
