@@ -1318,10 +1318,14 @@ fn pooled(gw: &TestGateway, name: &str) -> i64 {
         .get()
 }
 
+/// A pool keeps 32 connections to begin with; while connections are turned
+/// away for want of room, it grows (by up to 64 a second) to the load, so a
+/// sustained load ends up churning nothing, while a one-off burst leaves no
+/// more than the base behind; once idle, what the load no longer needs is
+/// closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pool_keeps_what_the_peak_needed_and_closes_it_once_idle() {
+async fn a_pool_grows_to_a_sustained_load_and_gives_back_what_it_no_longer_needs() {
     let slow = SlowUpstream::start(Duration::from_millis(300)).await;
-    // The default pool_max_idle: the pool follows the load, not a small cap.
     let text = slow_config("workers = 1", "pool_idle_timeout = \"3s\"", &slow);
     let gw = start_gateway(&text).await;
     let c = TestClient::h1(None);
@@ -1337,18 +1341,29 @@ async fn a_pool_keeps_what_the_peak_needed_and_closes_it_once_idle() {
         "one connection per request in flight"
     );
     eventually(
-        "the gauge to show the forty pooled connections",
+        "the gauge to show the base 32 pooled after a first burst of 40",
+        Duration::from_secs(3),
+        || async { pooled(&gw, "slow") == 32 },
+    )
+    .await;
+    // The load again: the pool has grown room for it and keeps all 40.
+    for r in burst().await {
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(slow.connections(), 48, "32 reused, 8 opened");
+    eventually(
+        "the gauge to show forty pooled",
         Duration::from_secs(3),
         || async { pooled(&gw, "slow") == 40 },
     )
     .await;
-    // The same load again: every connection is reused, none opened.
+    // Sustained: every connection is reused, none opened.
     for r in burst().await {
         assert_eq!(r.status, 200);
     }
     assert_eq!(
         slow.connections(),
-        40,
+        48,
         "sustained load churns no connection"
     );
     // Once the load is gone, the pool gives its connections back.
@@ -1359,7 +1374,7 @@ async fn a_pool_keeps_what_the_peak_needed_and_closes_it_once_idle() {
     )
     .await;
     assert_eq!(c.get(&url).await.status, 200);
-    assert_eq!(slow.connections(), 41, "the swept connections were closed");
+    assert_eq!(slow.connections(), 49, "the swept connections were closed");
     gw.shutdown().await;
 }
 

@@ -32,9 +32,10 @@ pub const DEFAULT_MAX_KEYS_PER_WORKSPACE: usize = 100;
 pub const MAX_KEYS_PER_WORKSPACE_LIMIT: usize = 10_000;
 
 /// Default of `[upstreams.*] pool_max_idle`: a ceiling, like a tuned nginx
-/// `keepalive`, not a target. A pool keeps what the recent peak of requests
-/// in flight needed and closes the rest after `pool_idle_timeout`, so a
-/// small load holds few connections and a large one never churns them.
+/// `keepalive`, not a target. A pool grows to a sustained load (see
+/// `proxy::pool::TargetPool`) and closes what it no longer needs after
+/// `pool_idle_timeout`, so a small load holds few connections and a large
+/// one never churns them.
 pub const DEFAULT_POOL_MAX_IDLE: usize = 1024;
 
 /// One problem in a config file.
@@ -245,9 +246,8 @@ pub struct Upstream {
     pub pool_idle_timeout: Duration,
     /// Ceiling on the idle connections kept per target and worker (default
     /// [`DEFAULT_POOL_MAX_IDLE`], like a tuned nginx `keepalive`). Below it a
-    /// pool keeps what the recent peak of requests in flight needed; each
-    /// idle upstream connection holds ~30 KiB of hyper buffers until
-    /// `pool_idle_timeout` closes it.
+    /// pool grows to a sustained load; each idle upstream connection holds
+    /// ~30 KiB of hyper buffers until `pool_idle_timeout` closes it.
     pub pool_max_idle: usize,
 }
 

@@ -107,7 +107,7 @@ impl UpstreamPool {
         self.workers
             .iter()
             .flatten()
-            .map(|t| t.sweep(self.limits.idle_timeout, now))
+            .map(|t| t.sweep(self.limits.idle_timeout, self.limits.max_kept, now))
             .sum()
     }
 

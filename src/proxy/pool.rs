@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tower_service::Service;
@@ -52,10 +53,27 @@ pub fn connector(connect_timeout: Duration) -> Connector {
         .wrap_connector(http)
 }
 
+/// Connections a pool keeps before any load asked for more.
+pub const BASE_ROOM: usize = 32;
+
+/// How much a pool's room grows per sweep (per second) while connections
+/// are being turned away for want of it.
+pub const ROOM_GROWTH: usize = 64;
+
 /// One worker's connections to one target.
+///
+/// The pool keeps at most `room` connections. Room starts at [`BASE_ROOM`]
+/// and grows by up to [`ROOM_GROWTH`] a second while returned connections
+/// are turned away for want of it (a sustained load above it), up to
+/// `pool_max_idle`; it shrinks back, not below the base, as connections go
+/// idle for `pool_idle_timeout`. A sustained load so ends with a pool its
+/// size, churning nothing, while a one-off burst (shorter than a sweep) does
+/// not leave hundreds of idle connections, each holding hyper's buffers.
 pub struct TargetPool {
     target: http::Uri,
     conns: Mutex<Vec<Pooled>>,
+    room: AtomicUsize,
+    turned_away: AtomicUsize,
 }
 
 struct Pooled {
@@ -80,6 +98,8 @@ impl TargetPool {
         TargetPool {
             target,
             conns: Mutex::new(Vec::new()),
+            room: AtomicUsize::new(BASE_ROOM),
+            turned_away: AtomicUsize::new(0),
         }
     }
 
@@ -160,8 +180,7 @@ impl TargetPool {
     /// The pool is a stack (most recently used last) and stays in that
     /// order, so the connections a smaller load no longer needs sink to the
     /// bottom, go unused, and are closed by [`TargetPool::sweep`] once idle
-    /// for `idle_timeout`: the pool follows the recent peak of requests in
-    /// flight, not the cap.
+    /// for `idle_timeout`: the pool follows the recent load, not the cap.
     fn take_ready(&self, idle_timeout: Duration, now: Instant) -> Option<SendRequest<ForwardBody>> {
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
         let mut i = conns.len();
@@ -179,19 +198,36 @@ impl TargetPool {
     }
 
     /// Closes the connections idle for `idle_timeout` or closed by the
-    /// upstream, and returns how many stay pooled.
-    pub fn sweep(&self, idle_timeout: Duration, now: Instant) -> usize {
+    /// upstream, resizes the pool's room to the load (see [`TargetPool`]),
+    /// and returns how many connections stay pooled.
+    pub fn sweep(&self, idle_timeout: Duration, max_kept: usize, now: Instant) -> usize {
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = conns.len();
         conns.retain(|c| !c.tx.is_closed() && now.duration_since(c.used) < idle_timeout);
+        // Only connections gone idle (or closed) give room back: one in use
+        // is out of the stack, so the stack's size says nothing of the load.
+        let gone = before - conns.len();
+        let wanted = self.turned_away.swap(0, Ordering::Relaxed);
+        let room = self.room.load(Ordering::Relaxed);
+        let room = if wanted > 0 {
+            room + wanted.min(ROOM_GROWTH)
+        } else {
+            room.saturating_sub(gone).max(BASE_ROOM)
+        };
+        self.room.store(room.min(max_kept), Ordering::Relaxed);
         conns.len()
     }
 
     fn put_back(&self, tx: SendRequest<ForwardBody>, max_kept: usize, now: Instant) {
+        let room = self.room.load(Ordering::Relaxed).min(max_kept);
         let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
-        if conns.len() < max_kept {
+        if conns.len() < room {
             conns.push(Pooled { tx, used: now });
+        } else {
+            // Dropped: the connection closes after this exchange; the next
+            // sweep makes room if this keeps happening.
+            self.turned_away.fetch_add(1, Ordering::Relaxed);
         }
-        // Otherwise dropped: the connection closes after this exchange.
     }
 
     async fn connect(
