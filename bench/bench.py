@@ -133,7 +133,10 @@ def gateway(binary, cfg, port, logfile, rust_log="warn"):
     return p
 
 
-def gateway_config(tmp, name, gw_port, admin_port, up_port, store, mode, workers=None):
+def gateway_config(tmp, name, gw_port, admin_port, up_port, store, mode, workers=None, level="warn",
+                   extra=""):
+    """A gateway config with a plain and a keyed route; `extra` is appended
+    (further tables: `[server.tls]`, `[plans.*]` …)."""
     cfg = os.path.join(tmp, f"{name}.toml")
     workers_line = f"workers = {workers}\n" if workers else ""
     with open(cfg, "w") as f:
@@ -164,8 +167,8 @@ path = "/keyed"
 upstream = "up"
 permissions = ["read"]
 [log]
-level = "warn"
-""")
+level = "{level}"
+{extra}""")
     return cfg
 
 

@@ -21,8 +21,8 @@ with their rate-limit windows and last-used marks) divided by N."""
 import argparse, hashlib, json, os, secrets, shutil, signal, sqlite3, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import (BASE62, TICK, checksum, cpu_ticks, die, free_port, gateway, http_get, log,  # noqa: E402
-                   nginx, rss_kib, stop_all, wait_port)
+from bench import (BASE62, TICK, checksum, cpu_ticks, die, free_port, gateway, gateway_config,  # noqa: E402
+                   http_get, log, nginx, rss_kib, stop_all, wait_port)
 
 LUA = """
 local keys = {{}}
@@ -79,32 +79,10 @@ def timed(url, pid, lua, duration):
 
 
 def config(tmp, port, up_port, db):
-    cfg = os.path.join(tmp, "keys.toml")
-    with open(cfg, "w") as f:
-        f.write(f"""[server]
-listen = "127.0.0.1:{port}"
-[admin]
-listen = "127.0.0.1:{free_port()}"
-[store]
-url = "sqlite://{db}"
-[rate_limit]
-mode = "local"
-[plans.default]
-limits = [{{ scope = "key", requests = 100000000, per = "1m" }}]
-[plans.pro]
-limits = [{{ scope = "key", requests = 100000000, per = "1m" }}]
-[upstreams.up]
-targets = ["http://127.0.0.1:{up_port}"]
-[[routes]]
-name = "keyed"
-methods = ["GET"]
-path = "/keyed"
-upstream = "up"
-permissions = ["read"]
-[log]
-level = "warn"
-""")
-    return cfg
+    """bench.py's gateway config (default workers) on the SQLite file `db`,
+    with the plan the written keys name."""
+    return gateway_config(tmp, "keys", port, free_port(), up_port, f"sqlite://{db}", "local",
+                          extra='[plans.pro]\nlimits = [{ scope = "key", requests = 100000000, per = "1m" }]\n')
 
 
 def fill(binary, cfg, db, n, keys_file, spare_file, spare):

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """The cost curve as load grows: portcullis against nginx tuned for the same
 load, in the same run, both with one worker (nginx `worker_processes 1`,
-portcullis `[server] workers = 1`; every other gateway setting is its
-default). Started by `bench/run.sh --sweep`, which installs the tools and
-builds the release binary.
+portcullis `[server] workers = 1`; bench.py's config, whose connection
+limits are raised to 30,000, every other setting its default). Started by
+`bench/run.sh --sweep`, which installs the tools and builds the release
+binary.
 
 - HTTP/1.1 (wrk -t1): 32, 128, 512 and 1,024 client connections; nginx with
   upstream `keepalive 1024`. Rows: nginx, portcullis plain, keyed; at the
@@ -22,8 +23,8 @@ alternate between targets; tables show medians and ratios to nginx."""
 import argparse, os, re, shutil, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import (TICK, children, cpu_ticks, create_key, die, forged_key, free_port,  # noqa: E402
-                   gateway, http_get, log, nginx, procs, stop_all, wait_port)
+from bench import (TICK, children, cpu_ticks, die, forged_key, free_port, gateway,  # noqa: E402
+                   gateway_config, http_get, log, nginx, stop_all, wait_port)
 
 H1_CONNS = (32, 128, 512, 1024)
 H2_STREAMS = (8, 32, 100)
@@ -32,44 +33,12 @@ BAR = 1.15
 
 
 def config(tmp, name, port, up_port, tls=None, level="warn"):
-    """The gateway's default config, one worker, two routes and a plan whose
-    limit a second key exhausts at once (for the 429 row)."""
-    cfg = os.path.join(tmp, f"{name}.toml")
+    """bench.py's gateway config with one worker, optionally TLS, and a plan
+    whose limit a second key exhausts at once (for the 429 row)."""
     tls_block = f'[server.tls]\ncert = "{tls[0]}"\nkey = "{tls[1]}"\n' if tls else ""
-    with open(cfg, "w") as f:
-        f.write(f"""[server]
-listen = "127.0.0.1:{port}"
-workers = 1
-max_connections = 30000
-{tls_block}
-[admin]
-listen = "127.0.0.1:{free_port()}"
-[store]
-url = "sqlite://{tmp}/sweep.db"
-[rate_limit]
-mode = "local"
-[plans.default]
-limits = [{{ scope = "key", requests = 100000000, per = "1m" }}]
-[plans.tiny]
-limits = [{{ scope = "key", requests = 1, per = "1h" }}]
-[upstreams.up]
-targets = ["http://127.0.0.1:{up_port}"]
-[[routes]]
-name = "plain"
-methods = ["GET"]
-path = "/plain"
-upstream = "up"
-auth = "none"
-[[routes]]
-name = "keyed"
-methods = ["GET"]
-path = "/keyed"
-upstream = "up"
-permissions = ["read"]
-[log]
-level = "{level}"
-""")
-    return cfg
+    return gateway_config(tmp, name, port, free_port(), up_port, f"sqlite://{tmp}/sweep.db", "local",
+                          workers=1, level=level,
+                          extra=tls_block + '[plans.tiny]\nlimits = [{ scope = "key", requests = 1, per = "1h" }]\n')
 
 
 def key(binary, cfg, *extra):
