@@ -250,9 +250,9 @@ def parse_latency(s):
     return float(m.group(1)) * {"us": 1.0, "ms": 1e3, "s": 1e6}[m.group(2)]
 
 
-def wrk(url, pids, duration, headers=()):
+def wrk(url, pids, duration, headers=(), conns=32):
     """One wrk run; returns dict(rps, n, cpu_us_per_req, p50_us, p99_us, non2xx, errors)."""
-    args = ["wrk", "-t1", "-c32", f"-d{duration}s", "--latency"]
+    args = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--timeout", "10s", "--latency"]
     for h in headers:
         args += ["-H", h]
     c0 = sum(cpu_ticks(p) for p in pids)

@@ -23,6 +23,7 @@ alternate between targets; tables show medians and ratios to nginx."""
 import argparse, os, re, shutil, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
 from bench import (TICK, children, cpu_ticks, die, forged_key, free_port, gateway,  # noqa: E402
                    gateway_config, http_get, log, nginx, stop_all, wait_port)
 
@@ -51,21 +52,7 @@ def key(binary, cfg, *extra):
 
 
 def wrk(url, pids, conns, duration, headers=()):
-    args = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--timeout", "10s"]
-    for h in headers:
-        args += ["-H", h]
-    c0 = sum(cpu_ticks(p) for p in pids)
-    out = subprocess.run(args + [url], capture_output=True, text=True).stdout
-    c1 = sum(cpu_ticks(p) for p in pids)
-    lines = out.splitlines()
-    try:
-        n = int(next(l.split()[0] for l in lines if "requests in" in l))
-        rps = float(next(l.split()[1] for l in lines if l.startswith("Requests/sec")))
-    except StopIteration:
-        die(f"could not parse wrk output for {url}:\n{out}")
-    non2xx = sum(int(l.split()[-1]) for l in lines if "Non-2xx" in l)
-    errors = sum(int(x) for l in lines if "Socket errors" in l for x in re.findall(r"\d+", l))
-    return {"rps": rps, "n": n, "cpu": (c1 - c0) / TICK * 1e6 / max(n, 1), "non2xx": non2xx, "errors": errors}
+    return bench.wrk(url, pids, duration, headers, conns=conns)
 
 
 def h2load(url, pids, streams, duration, headers=()):
